@@ -1,0 +1,334 @@
+"""DalleBart (DALL·E mini / mega) as pure JAX functions over the upstream checkpoint's parameter tree.
+
+The tree is the one upstream ``save_pretrained`` writes with ``use_scan``: every encoder / decoder layer
+stacked on a leading axis under ``layers/FlaxBart{Encoder,Decoder}Layers``. Keeping upstream's names means
+a checkpoint is used as it is read, and layers run under ``lax.scan`` over that axis.
+
+Architecture (normformer): each block is ``x + post_norm(op(pre_norm(x)))``; pre-norms have no scale;
+attention has no biases; the feed-forward is a GLU with an inner norm; learned absolute positions.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .config import DalleBartConfig
+
+Params = dict[str, Any]
+_LN_EPS = 1e-5
+_ENCODER = "FlaxBartEncoderLayers"
+_DECODER = "FlaxBartDecoderLayers"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parameter tree
+
+
+def _layer_shapes(d: int, ffn: int, cross: bool) -> dict[str, Any]:
+    attention = {name: {"kernel": (d, d)} for name in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    layer = {
+        "LayerNorm_0": {"bias": (d,)},
+        "FlaxBartAttention_0": attention,
+        "LayerNorm_1": {"scale": (d,), "bias": (d,)},
+        "GLU_0": {
+            "LayerNorm_0": {"bias": (d,)},
+            "Dense_0": {"kernel": (d, ffn)},
+            "Dense_1": {"kernel": (d, ffn)},
+            "LayerNorm_1": {"bias": (ffn,)},
+            "Dense_2": {"kernel": (ffn, d)},
+        },
+    }
+    if cross:
+        layer["LayerNorm_2"] = {"bias": (d,)}
+        layer["FlaxBartAttention_1"] = dict(attention)
+        layer["LayerNorm_3"] = {"scale": (d,), "bias": (d,)}
+    return layer
+
+
+def _stack(tree: dict[str, Any], n: int) -> dict[str, Any]:
+    return {k: _stack(v, n) if isinstance(v, dict) else (n, *v) for k, v in tree.items()}
+
+
+def _param_layout(config: DalleBartConfig) -> dict[str, Any]:
+    """Nested dict of leaf shapes, the checkpoint's tree."""
+    d = config.d_model
+
+    def stack_part(vocab: int, positions: int, layers: int, ffn: int, name: str, cross: bool):
+        return {
+            "embed_tokens": {"embedding": (vocab, d)},
+            "embed_positions": {"embedding": (positions, d)},
+            "layernorm_embedding": {"scale": (d,), "bias": (d,)},
+            "layers": {name: _stack(_layer_shapes(d, ffn, cross), layers)},
+            "final_ln": {"bias": (d,)},
+        }
+
+    return {
+        "lm_head": {"kernel": (d, config.decoder_vocab_size)},
+        "model": {
+            "encoder": stack_part(config.encoder_vocab_size, config.max_text_length,
+                                  config.encoder_layers, config.encoder_ffn_dim, _ENCODER, False),
+            "decoder": stack_part(config.decoder_vocab_size, config.image_length,
+                                  config.decoder_layers, config.decoder_ffn_dim, _DECODER, True),
+        },
+    }
+
+
+def init_params(config: DalleBartConfig, seed: int, dtype: Any = jnp.float32) -> Params:
+    """Random weights in the checkpoint's tree, as upstream initialises them (normal(0.02), norms 1/0).
+
+    Deterministic for a seed, so benchmarks of different implementations can share weights.
+    """
+
+    def build(key):
+        paths, treedef = jax.tree_util.tree_flatten_with_path(
+            _param_layout(config), is_leaf=lambda x: isinstance(x, tuple)
+        )
+        keys = jax.random.split(key, len(paths))
+        leaves = []
+        for (path, shape), leaf_key in zip(paths, keys):
+            name = path[-1].key
+            if name == "scale":
+                leaves.append(jnp.ones(shape, dtype))
+            elif name == "bias":
+                leaves.append(jnp.zeros(shape, dtype))
+            else:
+                leaves.append((0.02 * jax.random.normal(leaf_key, shape, jnp.float32)).astype(dtype))
+        return jax.tree_util.tree_unflatten(treedef, leaves)
+
+    return jax.jit(build)(jax.random.PRNGKey(seed))
+
+
+def param_shapes(config: DalleBartConfig) -> Params:
+    """The checkpoint's tree as ``jax.ShapeDtypeStruct`` leaves, without allocating anything."""
+    return jax.eval_shape(functools.partial(init_params, config), 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def layer_norm(x, params: Params):
+    """flax ``nn.LayerNorm`` (eps 1e-5) with statistics in float32; ``scale`` is absent in pre-norms."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.maximum(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) - jnp.square(mean), 0.0)
+    multiplier = lax.rsqrt(var + _LN_EPS)
+    if "scale" in params:
+        multiplier = multiplier * params["scale"].astype(jnp.float32)
+    y = (x32 - mean) * multiplier + params["bias"].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _dense(x, params: Params):
+    return x @ params["kernel"]
+
+
+def _split_heads(x, heads: int):
+    return x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)
+
+
+def _merge_heads(x):
+    return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+def _attend(q, k, v, bias):
+    """Softmax attention: q (..., Q, H, D), k/v (..., K, H, D), additive bias broadcast to (..., H, Q, K)."""
+    scores = jnp.einsum("...qhd,...khd->...hqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+    weights = jax.nn.softmax((scores + bias).astype(jnp.float32)).astype(q.dtype)
+    return jnp.einsum("...hqk,...khd->...qhd", weights, v)
+
+
+def _mask_to_bias(mask, dtype):
+    """1 = attend, 0 = ignore, as upstream: an additive 0 / -inf bias."""
+    return jnp.where(mask > 0, 0.0, -jnp.inf).astype(dtype)
+
+
+def _glu(x, params: Params):
+    h = layer_norm(x, params["LayerNorm_0"])
+    h = jax.nn.gelu(_dense(h, params["Dense_0"]), approximate=False) * _dense(h, params["Dense_1"])
+    h = layer_norm(h, params["LayerNorm_1"])
+    return _dense(h, params["Dense_2"])
+
+
+def _embed(part: Params, ids, positions, dtype):
+    h = part["embed_tokens"]["embedding"][ids] + part["embed_positions"]["embedding"][positions]
+    return layer_norm(h.astype(dtype), part["layernorm_embedding"])
+
+
+def _compute_dtype(params: Params):
+    return params["lm_head"]["kernel"].dtype
+
+
+# ----------------------------------------------------------------------------------------------------
+# Encoder
+
+
+def encode(config: DalleBartConfig, params: Params, input_ids, attention_mask):
+    """Encoder states (B, L, d) after the final norm, as upstream ``DalleBart.encode``."""
+    dtype = _compute_dtype(params)
+    encoder = params["model"]["encoder"]
+    heads = config.encoder_attention_heads
+    bias = _mask_to_bias(attention_mask, dtype)[:, None, None, :]
+    h = _embed(encoder, input_ids, jnp.arange(input_ids.shape[-1]), dtype)
+
+    def layer(h, p):
+        a = layer_norm(h, p["LayerNorm_0"])
+        attention = p["FlaxBartAttention_0"]
+        q, k, v = (_split_heads(_dense(a, attention[n]), heads) for n in ("q_proj", "k_proj", "v_proj"))
+        a = _dense(_merge_heads(_attend(q, k, v, bias)), attention["out_proj"])
+        h = h + layer_norm(a, p["LayerNorm_1"])
+        return h + _glu(h, p["GLU_0"]), None
+
+    h, _ = lax.scan(layer, h, encoder["layers"][_ENCODER])
+    return layer_norm(h, encoder["final_ln"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decoder
+
+
+@flax.struct.dataclass
+class CrossContext:
+    """Cross-attention keys / values of G prompts, computed once and shared by every row of a prompt."""
+
+    keys: jax.Array  # (layers, G, L, heads, head_dim)
+    values: jax.Array  # (layers, G, L, heads, head_dim)
+    bias: jax.Array  # (G, L) additive mask: 0 for text tokens, -inf for padding
+
+    @property
+    def num_prompts(self) -> int:
+        return self.bias.shape[0]
+
+
+def cross_context(config: DalleBartConfig, params: Params, encoder_states, attention_mask) -> CrossContext:
+    """Project encoder states to every decoder layer's cross-attention keys and values once.
+
+    Upstream recomputes these from the encoder states at every image position; they never change.
+    """
+    attention = params["model"]["decoder"]["layers"][_DECODER]["FlaxBartAttention_1"]
+    heads = config.decoder_attention_heads
+
+    def project(kernel):  # kernel (layers, d, d) -> (layers, G, L, heads, head_dim)
+        return _split_heads(jnp.einsum("gld,nde->ngle", encoder_states, kernel), heads)
+
+    return CrossContext(
+        keys=project(attention["k_proj"]["kernel"]),
+        values=project(attention["v_proj"]["kernel"]),
+        bias=_mask_to_bias(attention_mask, encoder_states.dtype),
+    )
+
+
+def _cross_attend(q, context_kv: Sequence[tuple[jax.Array, jax.Array, jax.Array]]):
+    """Cross-attention for rows grouped by context: the rows are split evenly between the contexts, and
+    within a context they are its G prompts' rows in prompt-major order, so a prompt's keys / values serve
+    all of its rows without being copied. q (R, Q, H, D); each context (keys, values, bias) of one layer."""
+    rows = q.shape[0] // len(context_kv)
+    outputs = []
+    for index, (k, v, bias) in enumerate(context_kv):
+        g = bias.shape[0]
+        part = q[index * rows:(index + 1) * rows].reshape(g, rows // g, *q.shape[1:])  # (G, S, Q, H, D)
+        outputs.append(_attend(part, k[:, None], v[:, None], bias[:, None, None, None, :]).reshape(rows, *q.shape[1:]))
+    return jnp.concatenate(outputs, axis=0) if len(outputs) > 1 else outputs[0]
+
+
+def _decoder_layer(h, p: Params, heads: int, self_attend, context_kv):
+    """One normformer decoder layer on h (R, Q, d); ``self_attend(q, k, v)`` supplies causal attention
+    (full sequence or KV cache) and returns its output together with whatever state it updates."""
+    a = layer_norm(h, p["LayerNorm_0"])
+    attention = p["FlaxBartAttention_0"]
+    q, k, v = (_split_heads(_dense(a, attention[n]), heads) for n in ("q_proj", "k_proj", "v_proj"))
+    a, state = self_attend(q, k, v)
+    h = h + layer_norm(_dense(_merge_heads(a), attention["out_proj"]), p["LayerNorm_1"])
+
+    c = layer_norm(h, p["LayerNorm_2"])
+    cross = p["FlaxBartAttention_1"]
+    c = _cross_attend(_split_heads(_dense(c, cross["q_proj"]), heads), context_kv)
+    h = h + layer_norm(_dense(_merge_heads(c), cross["out_proj"]), p["LayerNorm_3"])
+    return h + _glu(h, p["GLU_0"]), state
+
+
+def _logits(config: DalleBartConfig, params: Params, h):
+    h = layer_norm(h, params["model"]["decoder"]["final_ln"])
+    return _dense(h, params["lm_head"])
+
+
+def _layer_context(contexts: Sequence[CrossContext]):
+    """Per-layer scan inputs of the contexts: (keys, values) stacked on the layer axis, bias shared."""
+    return tuple((c.keys, c.values) for c in contexts)
+
+
+def decode_logits(config: DalleBartConfig, params: Params, decoder_input_ids, encoder_states, attention_mask):
+    """Logits (B, T, image_vocab_size + 1) for a whole decoder input, no cache, as upstream ``decode``:
+    ``[:, t]`` scores the token after position t."""
+    dtype = _compute_dtype(params)
+    decoder = params["model"]["decoder"]
+    heads = config.decoder_attention_heads
+    length = decoder_input_ids.shape[-1]
+    contexts = (cross_context(config, params, encoder_states, attention_mask),)
+    causal_bias = _mask_to_bias(jnp.tril(jnp.ones((length, length), jnp.int32)), dtype)
+    h = _embed(decoder, decoder_input_ids, jnp.arange(length), dtype)
+
+    def causal(q, k, v):
+        return _attend(q, k, v, causal_bias), None
+
+    def layer(h, xs):
+        p, kv = xs
+        context_kv = [(k, v, c.bias) for (k, v), c in zip(kv, contexts)]
+        return _decoder_layer(h, p, heads, causal, context_kv)[0], None
+
+    h, _ = lax.scan(layer, h, (decoder["layers"][_DECODER], _layer_context(contexts)))
+    return _logits(config, params, h)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Self-attention keys / values of the image positions decoded so far, for every decoder layer."""
+
+    keys: jax.Array  # (layers, R, image_length, heads, head_dim)
+    values: jax.Array  # (layers, R, image_length, heads, head_dim)
+
+    @classmethod
+    def zeros(cls, config: DalleBartConfig, rows: int, dtype) -> "KVCache":
+        shape = (config.decoder_layers, rows, config.image_length, config.decoder_attention_heads,
+                 config.head_dim)
+        return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype))
+
+
+def decoder_step(config: DalleBartConfig, params: Params, tokens, position, cache: KVCache,
+                 contexts: Sequence[CrossContext]):
+    """Decode one position for R rows with the KV cache: logits (R, image_vocab_size + 1), new cache.
+
+    ``tokens`` (R,) are the inputs at ``position`` (the start token at 0). The rows are split evenly
+    between ``contexts`` (e.g. conditional rows, then unconditional rows), so several prompt sets share
+    one batched decoder call.
+    """
+    dtype = _compute_dtype(params)
+    decoder = params["model"]["decoder"]
+    heads = config.decoder_attention_heads
+    visible = _mask_to_bias(jnp.arange(config.image_length) <= position, dtype)
+    h = _embed(decoder, tokens[:, None], position[None], dtype)  # (R, 1, d)
+
+    def layer(carry, xs):
+        h, keys, values = carry
+        p, kv, index = xs
+
+        def cached(q, k, v):
+            keys_l = lax.dynamic_update_slice_in_dim(keys[index], k, position, axis=1)
+            values_l = lax.dynamic_update_slice_in_dim(values[index], v, position, axis=1)
+            return _attend(q, keys_l, values_l, visible), (keys_l, values_l)
+
+        context_kv = [(k, v, c.bias) for (k, v), c in zip(kv, contexts)]
+        h, (keys_l, values_l) = _decoder_layer(h, p, heads, cached, context_kv)
+        keys = lax.dynamic_update_index_in_dim(keys, keys_l, index, axis=0)
+        values = lax.dynamic_update_index_in_dim(values, values_l, index, axis=0)
+        return (h, keys, values), None
+
+    xs = (decoder["layers"][_DECODER], _layer_context(contexts), jnp.arange(config.decoder_layers))
+    (h, keys, values), _ = lax.scan(layer, (h, cache.keys, cache.values), xs)
+    return _logits(config, params, h[:, 0]), KVCache(keys=keys, values=values)
