@@ -49,7 +49,7 @@ def _locate(source: str | Path, revision: str | None, hub: dict[str, tuple[str, 
         return build_bundled(bundled.cache_dir()), "bundled"
     if Path(source).is_dir():
         return Path(source), revision
-    if source.count("/") != 1 or source.startswith((".", "/")):
+    if source not in hub and (source.count("/") != 1 or source.startswith((".", "/"))):
         raise CheckpointError(f"{source!r} is neither a preset ({', '.join(['tiny', *hub])}), "
                               "a local folder, nor a hub id like 'owner/name'")
     repo_id, pinned = hub.get(source, (source, None))

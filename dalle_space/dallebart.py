@@ -213,6 +213,7 @@ def cross_context(config: DalleBartConfig, params: Params, encoder_states, atten
     """
     attention = params["model"]["decoder"]["layers"][_DECODER]["FlaxBartAttention_1"]
     heads = config.decoder_attention_heads
+    encoder_states = encoder_states.astype(_compute_dtype(params))
 
     def project(kernel):  # kernel (layers, d, d) -> (layers, G, L, heads, head_dim)
         return _split_heads(jnp.einsum("gld,nde->ngle", encoder_states, kernel), heads)
