@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -22,6 +23,7 @@ from typing import Any, Callable, Hashable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from . import bundled, checkpoints, dallebart, sampler, text, vqgan
 from .config import DALLEBART_PRESETS, DalleBartConfig, VQGANConfig
@@ -168,6 +170,9 @@ class Engine:
         self.info = info
         self.max_images = max_images
         self._cache = CompiledCache(cache_entries)
+        self._mesh = Mesh(np.array(jax.devices()), ("batch",)) if jax.device_count() > 1 else None
+        if self._mesh is not None:  # data parallel: weights on every device, images spread over them
+            self.params = jax.device_put(params, NamedSharding(self._mesh, PartitionSpec()))
         uncond_ids, uncond_mask = text.unconditional_ids(tokenizer, config.max_text_length)
         self._uncond = (jnp.asarray(uncond_ids), jnp.asarray(uncond_mask))
         self._prepare = jax.jit(sampler.prepare, static_argnums=(0, 7))
@@ -300,7 +305,7 @@ class Engine:
         prepare, prepare_compile_s = self._cache.get(("prepare", spec.n_prompts, spec.n_images, spec.mode),
                                                      self._prepare, *args)
         state, cond, uncond = prepare(*args[1:7])
-        jax.block_until_ready(state)
+        state = self._shard_rows(jax.block_until_ready(state))
         encode_s = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -308,7 +313,7 @@ class Engine:
         advance_args = (config, self.params, state, cond, uncond, warping, spec, chunk)
         advance, advance_compile_s = self._cache.get(("advance", spec, chunk), self._advance, *advance_args)
         for done in range(chunk, config.image_length + 1, chunk):
-            state = advance(self.params, state, cond, uncond, warping)
+            state = advance(self.params, self._shard_rows(state), cond, uncond, warping)
             if progress is not None:
                 jax.block_until_ready(state.position)
                 images = self._images(state.sequences)[0] if preview and self._decode else None
@@ -316,6 +321,22 @@ class Engine:
         tokens = jax.block_until_ready(state.sequences)
         sample_s = time.perf_counter() - start
         return tokens, encode_s, sample_s, prepare_compile_s + advance_compile_s
+
+    def _shard_rows(self, state: sampler.SamplingState) -> sampler.SamplingState:
+        """With several devices, spread the images of the loop state over them (rows are independent);
+        a no-op on one device, for batches that do not divide evenly, and when already in place."""
+        devices = jax.device_count()
+        if self._mesh is None or state.tokens.shape[0] % devices:
+            return state
+
+        def put(spec):
+            return functools.partial(jax.device_put, device=NamedSharding(self._mesh, spec))
+
+        rows = put(PartitionSpec("batch"))
+        return state.replace(
+            position=put(PartitionSpec())(state.position), tokens=rows(state.tokens), keys=rows(state.keys),
+            finished=rows(state.finished), sequences=rows(state.sequences),
+            caches=jax.tree_util.tree_map(put(PartitionSpec(None, "batch")), state.caches))
 
     def _images(self, tokens) -> tuple[np.ndarray, float]:
         args = (self.vqgan_config, self.vqgan_params, tokens)
