@@ -1,8 +1,11 @@
 """DalleBart (DALL·E mini / mega) as pure JAX functions over the upstream checkpoint's parameter tree.
 
-The tree is the one upstream ``save_pretrained`` writes with ``use_scan``: every encoder / decoder layer
-stacked on a leading axis under ``layers/FlaxBart{Encoder,Decoder}Layers``. Keeping upstream's names means
-a checkpoint is used as it is read, and layers run under ``lax.scan`` over that axis.
+Checkpoints store the tree upstream ``save_pretrained`` writes with ``use_scan``: every encoder / decoder
+layer stacked on a leading axis under ``layers/FlaxBart{Encoder,Decoder}Layers`` (``param_shapes``). The
+functions here take the *runtime* tree (``unstack_layers``): the same names, with ``layers`` a tuple of
+one tree per layer. Layers then run as a Python loop over separate weight buffers; a ``lax.scan`` over
+the stacked axis slices (copies) every layer's weights at every image position, which made a decoder
+step about four times slower on CPU.
 
 Architecture (normformer): each block is ``x + post_norm(op(pre_norm(x)))``; pre-norms have no scale;
 attention has no biases; the feed-forward is a GLU with an inner norm; learned absolute positions.
@@ -109,6 +112,18 @@ def param_shapes(config: DalleBartConfig) -> Params:
     return jax.eval_shape(functools.partial(init_params, config), 0)
 
 
+def unstack_layers(params: Params) -> Params:
+    """The runtime tree: each stacked layer subtree becomes a tuple of per-layer trees."""
+    model = params["model"]
+    runtime = {"lm_head": params["lm_head"], "model": {}}
+    for part, name in (("encoder", _ENCODER), ("decoder", _DECODER)):
+        stacked = model[part]["layers"][name]
+        count = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+        layers = tuple(jax.tree_util.tree_map(lambda x, i=i: x[i], stacked) for i in range(count))
+        runtime["model"][part] = {**model[part], "layers": layers}
+    return runtime
+
+
 # ----------------------------------------------------------------------------------------------------
 # Building blocks
 
@@ -177,15 +192,13 @@ def encode(config: DalleBartConfig, params: Params, input_ids, attention_mask):
     bias = _mask_to_bias(attention_mask, dtype)[:, None, None, :]
     h = _embed(encoder, input_ids, jnp.arange(input_ids.shape[-1]), dtype)
 
-    def layer(h, p):
+    for p in encoder["layers"]:
         a = layer_norm(h, p["LayerNorm_0"])
         attention = p["FlaxBartAttention_0"]
         q, k, v = (_split_heads(_dense(a, attention[n]), heads) for n in ("q_proj", "k_proj", "v_proj"))
         a = _dense(_merge_heads(_attend(q, k, v, bias)), attention["out_proj"])
         h = h + layer_norm(a, p["LayerNorm_1"])
-        return h + _glu(h, p["GLU_0"]), None
-
-    h, _ = lax.scan(layer, h, encoder["layers"][_ENCODER])
+        h = h + _glu(h, p["GLU_0"])
     return layer_norm(h, encoder["final_ln"])
 
 
@@ -197,8 +210,8 @@ def encode(config: DalleBartConfig, params: Params, input_ids, attention_mask):
 class CrossContext:
     """Cross-attention keys / values of G prompts, computed once and shared by every row of a prompt."""
 
-    keys: jax.Array  # (layers, G, L, heads, head_dim)
-    values: jax.Array  # (layers, G, L, heads, head_dim)
+    keys: tuple[jax.Array, ...]  # per decoder layer: (G, L, heads, head_dim)
+    values: tuple[jax.Array, ...]  # per decoder layer: (G, L, heads, head_dim)
     bias: jax.Array  # (G, L) additive mask: 0 for text tokens, -inf for padding
 
     @property
@@ -211,18 +224,15 @@ def cross_context(config: DalleBartConfig, params: Params, encoder_states, atten
 
     Upstream recomputes these from the encoder states at every image position; they never change.
     """
-    attention = params["model"]["decoder"]["layers"][_DECODER]["FlaxBartAttention_1"]
     heads = config.decoder_attention_heads
     encoder_states = encoder_states.astype(_compute_dtype(params))
+    layers = params["model"]["decoder"]["layers"]
 
-    def project(kernel):  # kernel (layers, d, d) -> (layers, G, L, heads, head_dim)
-        return _split_heads(jnp.einsum("gld,nde->ngle", encoder_states, kernel), heads)
+    def project(name):
+        return tuple(_split_heads(_dense(encoder_states, p["FlaxBartAttention_1"][name]), heads) for p in layers)
 
-    return CrossContext(
-        keys=project(attention["k_proj"]["kernel"]),
-        values=project(attention["v_proj"]["kernel"]),
-        bias=_mask_to_bias(attention_mask, encoder_states.dtype),
-    )
+    return CrossContext(keys=project("k_proj"), values=project("v_proj"),
+                        bias=_mask_to_bias(attention_mask, encoder_states.dtype))
 
 
 def _cross_attend(q, context_kv: Sequence[tuple[jax.Array, jax.Array, jax.Array]]):
@@ -259,9 +269,8 @@ def _logits(config: DalleBartConfig, params: Params, h):
     return _dense(h, params["lm_head"])
 
 
-def _layer_context(contexts: Sequence[CrossContext]):
-    """Per-layer scan inputs of the contexts: (keys, values) stacked on the layer axis, bias shared."""
-    return tuple((c.keys, c.values) for c in contexts)
+def _layer_context(contexts: Sequence[CrossContext], layer: int):
+    return [(c.keys[layer], c.values[layer], c.bias) for c in contexts]
 
 
 def decode_logits(config: DalleBartConfig, params: Params, decoder_input_ids, encoder_states, attention_mask):
@@ -278,27 +287,25 @@ def decode_logits(config: DalleBartConfig, params: Params, decoder_input_ids, en
     def causal(q, k, v):
         return _attend(q, k, v, causal_bias), None
 
-    def layer(h, xs):
-        p, kv = xs
-        context_kv = [(k, v, c.bias) for (k, v), c in zip(kv, contexts)]
-        return _decoder_layer(h, p, heads, causal, context_kv)[0], None
-
-    h, _ = lax.scan(layer, h, (decoder["layers"][_DECODER], _layer_context(contexts)))
+    for index, p in enumerate(decoder["layers"]):
+        h, _ = _decoder_layer(h, p, heads, causal, _layer_context(contexts, index))
     return _logits(config, params, h)
 
 
 @flax.struct.dataclass
 class KVCache:
-    """Self-attention keys / values of the image positions decoded so far, for every decoder layer."""
+    """Self-attention keys / values of the image positions decoded so far, one buffer per decoder layer
+    so that each step writes one position in place."""
 
-    keys: jax.Array  # (layers, R, image_length, heads, head_dim)
-    values: jax.Array  # (layers, R, image_length, heads, head_dim)
+    keys: tuple[jax.Array, ...]  # per layer: (R, image_length, heads, head_dim)
+    values: tuple[jax.Array, ...]  # per layer: (R, image_length, heads, head_dim)
 
     @classmethod
     def zeros(cls, config: DalleBartConfig, rows: int, dtype) -> "KVCache":
-        shape = (config.decoder_layers, rows, config.image_length, config.decoder_attention_heads,
-                 config.head_dim)
-        return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype))
+        shape = (rows, config.image_length, config.decoder_attention_heads, config.head_dim)
+        layers = range(config.decoder_layers)
+        return cls(keys=tuple(jnp.zeros(shape, dtype) for _ in layers),
+                   values=tuple(jnp.zeros(shape, dtype) for _ in layers))
 
 
 def decoder_step(config: DalleBartConfig, params: Params, tokens, position, cache: KVCache,
@@ -314,22 +321,15 @@ def decoder_step(config: DalleBartConfig, params: Params, tokens, position, cach
     heads = config.decoder_attention_heads
     visible = _mask_to_bias(jnp.arange(config.image_length) <= position, dtype)
     h = _embed(decoder, tokens[:, None], position[None], dtype)  # (R, 1, d)
+    keys, values = [], []
+    for index, p in enumerate(decoder["layers"]):
 
-    def layer(carry, xs):
-        h, keys, values = carry
-        p, kv, index = xs
+        def cached(q, k, v, index=index):
+            layer_keys = lax.dynamic_update_slice_in_dim(cache.keys[index], k, position, axis=1)
+            layer_values = lax.dynamic_update_slice_in_dim(cache.values[index], v, position, axis=1)
+            return _attend(q, layer_keys, layer_values, visible), (layer_keys, layer_values)
 
-        def cached(q, k, v):
-            keys_l = lax.dynamic_update_slice_in_dim(keys[index], k, position, axis=1)
-            values_l = lax.dynamic_update_slice_in_dim(values[index], v, position, axis=1)
-            return _attend(q, keys_l, values_l, visible), (keys_l, values_l)
-
-        context_kv = [(k, v, c.bias) for (k, v), c in zip(kv, contexts)]
-        h, (keys_l, values_l) = _decoder_layer(h, p, heads, cached, context_kv)
-        keys = lax.dynamic_update_index_in_dim(keys, keys_l, index, axis=0)
-        values = lax.dynamic_update_index_in_dim(values, values_l, index, axis=0)
-        return (h, keys, values), None
-
-    xs = (decoder["layers"][_DECODER], _layer_context(contexts), jnp.arange(config.decoder_layers))
-    (h, keys, values), _ = lax.scan(layer, (h, cache.keys, cache.values), xs)
-    return _logits(config, params, h[:, 0]), KVCache(keys=keys, values=values)
+        h, (layer_keys, layer_values) = _decoder_layer(h, p, heads, cached, _layer_context(contexts, index))
+        keys.append(layer_keys)
+        values.append(layer_values)
+    return _logits(config, params, h[:, 0]), KVCache(keys=tuple(keys), values=tuple(values))
