@@ -227,13 +227,16 @@ class Engine:
 
     def warmup(self, shapes: Sequence[tuple[int, int]] = ((1, 1),), modes: Sequence[str] = sampler.MODES,
                top_k: int = 50) -> None:
-        """Compile the samplers of these (prompts, images per prompt) shapes now rather than on a request."""
+        """Compile the samplers (and VQGAN decoder) of these (prompts, images per prompt) shapes now rather
+        than on a request."""
         for n_prompts, n_seeds in shapes:
             for mode in modes:
                 ids = np.zeros((n_prompts, self.config.max_text_length), np.int32)
                 keys = seed_keys(range(n_prompts * n_seeds))
-                self._run(ids, ids, keys, sampler.SamplerSpec(n_prompts, n_seeds, mode, top_k, False),
-                          self._warping(1.0, 1.0, None), None, False)
+                tokens, *_ = self._run(ids, ids, keys, sampler.SamplerSpec(n_prompts, n_seeds, mode, top_k, False),
+                                       self._warping(1.0, 1.0, None), None, False)
+            if self._decode is not None:
+                self._images(tokens)
 
     def generate(self, prompts: Sequence[str], n_seeds: int = 1, condition_scale: float = 10.0,
                  mode: str = "parallel", seed: int = 0, top_k: int = 50, top_p: float | None = None,

@@ -1,0 +1,242 @@
+"""The app's public API, through gradio_client against ``python app.py`` serving the bundled tiny model."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import time
+import urllib.request
+from concurrent.futures import wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from gradio_client.utils import QueueError, Status
+from PIL import Image
+
+TINY_RESOLUTION = 64
+TIMING_FIELDS = {"tokenize_s", "encode_s", "sample_s", "vqgan_s", "compile_s", "total_s", "per_image_s", "compiled"}
+APP = Path(__file__).resolve().parent.parent / "app.py"
+COLD_START_LIMIT_S = 60  # expected under 30 s on a 2-core CPU; headroom for noisy CI machines
+QUEUE_MAX_SIZE = 16  # app.MAX_WAITING
+
+GOOD = dict(
+    prompt="a red bicycle", condition_scale=10, n_seeds=1, sampler="parallel", seed=7,
+    randomize_seed=False, top_k=50, top_p=1.0, temperature=1.0,
+)
+
+
+@dataclass
+class FirstRequest:
+    client: Client
+    images: list
+    summary: dict
+    seconds_since_spawn: float
+
+
+@pytest.fixture(scope="module")
+def first_request(app_server) -> FirstRequest:
+    """The server's very first /generate, timed from process spawn; every other test runs after it."""
+    client = Client(app_server.url, verbose=False)
+    images, summary = client.predict(**GOOD, api_name="/generate")
+    return FirstRequest(client, images, summary, time.monotonic() - app_server.started_at)
+
+
+@pytest.fixture(scope="module")
+def client(first_request) -> Client:
+    return first_request.client
+
+
+@pytest.fixture(scope="module")
+def max_images(client) -> int:
+    """engine.max_images, read from the page: the images-per-prompt slider's maximum."""
+    sliders = [c for c in client.config["components"] if c.get("props", {}).get("label") == "Images per prompt"]
+    assert len(sliders) == 1, "the page should have exactly one 'Images per prompt' slider"
+    return int(sliders[0]["props"]["maximum"])
+
+
+def generate(client: Client, api_name: str = "/generate", **changes):
+    args = {**GOOD, **changes}
+    if api_name == "/compare":
+        args.pop("sampler")
+    return client.predict(**args, api_name=api_name)
+
+
+def test_cold_start_and_first_request_fit_the_budget(first_request):
+    print(f"\ncold start + first tiny /generate: {first_request.seconds_since_spawn:.1f} s")
+    assert first_request.seconds_since_spawn < COLD_START_LIMIT_S
+    assert len(first_request.images) == 1
+
+
+def test_generate_returns_the_asked_images_and_every_timing(client):
+    images, summary = generate(client, prompt="a red bicycle\na blue boat", n_seeds=2)
+    assert len(images) == 4
+    for item in images:
+        with Image.open(item["image"]) as picture:
+            assert picture.size == (TINY_RESOLUTION, TINY_RESOLUTION)
+            assert picture.mode == "RGB"
+    captions = [item["caption"] for item in images]
+    assert captions == [
+        "#1 · seed 7 · a red bicycle", "#2 · seed 8 · a red bicycle",
+        "#3 · seed 7 · a blue boat", "#4 · seed 8 · a blue boat",
+    ]
+    assert summary["seed"] == 7 and summary["images"] == 4
+    assert set(summary["timings"]) == {"parallel"}
+    assert TIMING_FIELDS <= set(summary["timings"]["parallel"])
+    assert summary["timings"]["parallel"]["total_s"] > 0
+
+
+def test_serial_sampler_is_selectable(client):
+    _, summary = generate(client, sampler="serial")
+    assert set(summary["timings"]) == {"serial"}
+
+
+def test_compare_reports_both_samplers_and_the_speedup(client):
+    images, summary = generate(client, "/compare", n_seeds=2)
+    assert len(images) == 2
+    serial, parallel = summary["timings"]["serial"], summary["timings"]["parallel"]
+    assert TIMING_FIELDS <= set(serial) and TIMING_FIELDS <= set(parallel)
+    steady = {name: t["total_s"] - t["compile_s"] for name, t in (("serial", serial), ("parallel", parallel))}
+    assert summary["parallel_speedup"] == pytest.approx(steady["serial"] / steady["parallel"], rel=0.01)
+    assert summary["identical_images"] is True
+
+
+def test_random_seed_is_reported_and_reproducible(client):
+    images, summary = generate(client, randomize_seed=True, seed=0)
+    again, _ = generate(client, seed=summary["seed"])
+    assert f"seed {summary['seed']} ·" in images[0]["caption"]
+    with Image.open(images[0]["image"]) as first, Image.open(again[0]["image"]) as second:
+        assert first.tobytes() == second.tobytes()
+
+
+def test_same_shape_again_does_not_recompile(client):
+    generate(client, prompt="a cat\na dog", n_seeds=2, seed=1)
+    _, summary = generate(client, prompt="a fox\nan owl", n_seeds=2, seed=2)
+    assert summary["timings"]["parallel"]["compiled"] is False
+
+
+BAD_INPUTS = [
+    (dict(prompt=""), "Please enter a prompt"),
+    (dict(prompt="  \n\t\n"), "Please enter a prompt"),
+    (dict(prompt=None), "The prompt must be text."),
+    (dict(prompt="a\nb\nc\nd\ne"), "You entered 5 prompts; one request takes at most 4"),
+    (dict(n_seeds=0), "Images per prompt must be between 1 and"),
+    (dict(n_seeds=1.5), "Images per prompt must be a whole number"),
+    (dict(condition_scale="NaN"), "Condition scale must be a finite number"),
+    (dict(condition_scale="inf"), "Condition scale must be a finite number"),
+    (dict(condition_scale=-1), "Condition scale must be between 1 and 20, not -1."),
+    (dict(condition_scale=21), "Condition scale must be between 1 and 20, not 21."),
+    (dict(condition_scale="ten"), "Condition scale must be a number, not 'ten'."),
+    (dict(sampler="fastest"), "Sampler must be one of 'parallel', 'serial', 'compare'"),
+    (dict(seed=-1), "Seed must be between 0 and"),
+    (dict(top_k=0), "Top-k must be between 1 and 16384, not 0."),
+    (dict(top_k=2.5), "Top-k must be a whole number"),
+    (dict(top_p=0), "Top-p must be between 0.01 and 1, not 0."),
+    (dict(top_p=1.5), "Top-p must be between 0.01 and 1, not 1.5."),
+    (dict(temperature=0), "Temperature must be between 0.1 and 2, not 0."),
+]
+
+
+@pytest.mark.parametrize("changes, message", BAD_INPUTS, ids=[repr(c) for c, _ in BAD_INPUTS])
+def test_bad_input_gets_a_readable_error(client, changes, message):
+    with pytest.raises(AppError) as raised:
+        generate(client, **changes)
+    assert message in str(raised.value)
+    assert "Traceback" not in str(raised.value)
+
+
+def test_too_many_images_in_total_is_refused(client, max_images):
+    with pytest.raises(AppError, match=f"That asks for {2 * max_images} images .* at most {max_images}"):
+        generate(client, prompt="a cat\na dog", n_seeds=max_images)
+
+
+def test_compare_validates_too(client):
+    with pytest.raises(AppError, match="Please enter a prompt"):
+        generate(client, "/compare", prompt="")
+
+
+def test_nan_over_plain_http_is_refused(app_server):
+    """gradio_client refuses to send NaN, but JSON from other clients can carry it."""
+    body = '{"data": ["a cat", NaN, 1, "parallel", 0, false, 50, 1.0, 1.0]}'.encode()
+    post = urllib.request.Request(
+        app_server.url + "gradio_api/call/generate", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(post, timeout=30) as response:
+        event_id = json.load(response)["event_id"]
+    with urllib.request.urlopen(f"{app_server.url}gradio_api/call/generate/{event_id}", timeout=60) as stream:
+        events = stream.read().decode()
+    assert "event: error" in events
+    assert "Condition scale must be a finite number, not nan." in events
+
+
+def test_a_request_after_a_failed_one_succeeds(client):
+    with pytest.raises(AppError):
+        generate(client, prompt="")
+    images, summary = generate(client)
+    assert len(images) == 1 and summary["images"] == 1
+
+
+def test_a_full_queue_is_refused_by_gradio_and_the_app_recovers(client, max_images):
+    blocker = client.submit(**{**GOOD, "n_seeds": max_images}, api_name="/generate")
+    deadline = time.monotonic() + 60
+    while blocker.status().code not in (Status.PROCESSING, Status.PROGRESS, Status.FINISHED):
+        assert time.monotonic() < deadline, "the first job never started"
+        time.sleep(0.05)
+    # Distinct seeds: gradio rewrites an identical output's cache file in place, which can cut short a
+    # concurrent download of that same file.
+    waiting = [client.submit(**{**GOOD, "seed": 100 + i}, api_name="/generate") for i in range(QUEUE_MAX_SIZE + 2)]
+    wait([blocker.future, *(job.future for job in waiting)], timeout=300)
+
+    refused = [job for job in waiting if isinstance(job.exception(), QueueError)]
+    served = [job for job in waiting if job.exception() is None]
+    assert refused, "the queue took more than its max_size"
+    assert all("Queue is full" in str(job.exception()) for job in refused)
+    assert len(refused) + len(served) == len(waiting), "\n".join(repr(job.exception()) for job in waiting)
+    assert len(blocker.result()[0]) == max_images
+    images, _ = generate(client)
+    assert len(images) == 1
+
+
+def test_engine_value_errors_reach_the_person_as_gr_error(monkeypatch):
+    """The engine's own argument checks sit behind the app's; should one fire, its sentence is shown."""
+    monkeypatch.setenv("DALLE_MODEL", "tiny")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.syspath_prepend(str(APP.parent))
+    app = importlib.import_module("app")
+
+    def refuse(*args, **kwargs):
+        raise ValueError("The seed must be a whole number from 0 to 9, not 12.")
+
+    monkeypatch.setattr(app.engine, "generate", refuse)
+    with pytest.raises(gr.Error) as raised:
+        app.generate(**GOOD)
+    assert raised.value.message == "The seed must be a whole number from 0 to 9, not 12."
+
+
+def test_app_is_ui_only_and_never_imports_jax():
+    tree = ast.parse(APP.read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert not {name for name in imported if name.split(".")[0] in {"jax", "jaxlib", "flax"}}
+
+
+def test_unreachable_hub_falls_back_to_tiny_and_says_so_on_the_page(launch_app, tmp_path):
+    server = launch_app(DALLE_MODEL="mini", HF_HOME=str(tmp_path / "empty-hf-home"))
+    try:
+        components = Client(server.url, verbose=False).config["components"]
+    finally:
+        server.stop()
+    banners = [c for c in components if "fallback-banner" in (c.get("props", {}).get("elem_classes") or [])]
+    assert len(banners) == 1, "no fallback banner on the page"
+    assert "could not be downloaded" in banners[0]["props"]["value"]
+    model_line = next(c for c in components if c.get("props", {}).get("elem_id") == "model-line")
+    assert "Model **tiny**" in model_line["props"]["value"]
+
+
+def test_no_fallback_banner_when_the_model_loads(client):
+    assert not [c for c in client.config["components"]
+                if "fallback-banner" in (c.get("props", {}).get("elem_classes") or [])]

@@ -1,0 +1,97 @@
+"""The page in a real browser: Debian's headless chromium driven by Playwright against ``python app.py``."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run",
+]
+SAMPLING_TIMEOUT_MS = 120_000
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.fail(f"the browser tests need Debian's chromium at {CHROMIUM} (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the browser tests need the playwright Python package (pip install playwright)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, app_server):
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.goto(app_server.url)
+    page.get_by_role("button", name="Generate", exact=True).wait_for()
+    yield page
+    context.close()
+
+
+def test_compare_both_shows_images_and_timings(page):
+    from playwright.sync_api import expect
+
+    page.get_by_label("Prompts").fill("a red bicycle leaning against a brick wall")
+    page.get_by_label("Compare both").check()
+    page.get_by_role("button", name="Generate", exact=True).click()
+
+    images = page.locator("#gallery img")
+    expect(images.first).to_be_visible(timeout=SAMPLING_TIMEOUT_MS)
+    timings = page.locator("#timings")
+    expect(timings).to_contain_text(re.compile(r"(Parallel|Serial) is [\d.]+× faster"), timeout=SAMPLING_TIMEOUT_MS)
+    for header in ("serial", "parallel", "VQGAN", "compile", "s / image"):
+        expect(timings).to_contain_text(header)
+    expect(page.locator("#model-line")).to_contain_text("tiny")
+    expect(page.get_by_text(re.compile(r"#1 · seed \d+ · a red bicycle")).first).to_be_attached()
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "compare.png", full_page=True)
+
+
+def test_empty_prompt_shows_a_readable_error(page):
+    from playwright.sync_api import expect
+
+    page.get_by_role("button", name="Generate", exact=True).click()
+    toast = page.get_by_test_id("toast-text")
+    expect(toast).to_contain_text("Please enter a prompt", timeout=30_000)
+    expect(page.get_by_text("Traceback")).to_have_count(0)
+    page.wait_for_timeout(500)  # let the toast finish sliding in before the picture
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "empty_prompt_error.png")
+
+
+def test_progressive_previews_appear_before_the_final_images(page):
+    from playwright.sync_api import expect
+
+    page.get_by_label("Prompts").fill("a lighthouse on a cliff at night")
+    page.get_by_text("Advanced").click()
+    page.get_by_label("Progressive previews").check()
+    page.get_by_label("Randomise seed").uncheck()
+    # Previews come and go quickly with the tiny model: note any preview caption the page ever shows.
+    page.evaluate(
+        """() => {
+            window.sawPreview = false;
+            const gallery = document.querySelector('#gallery');
+            new MutationObserver(() => {
+                if (gallery.textContent.includes('(preview)')) window.sawPreview = true;
+            }).observe(gallery, {subtree: true, childList: true, characterData: true});
+        }"""
+    )
+    page.get_by_role("button", name="Generate", exact=True).click()
+
+    expect(page.locator("#timings")).to_contain_text("total", timeout=SAMPLING_TIMEOUT_MS)
+    expect(page.get_by_text("#1 · seed 0 · a lighthouse on a cliff at night", exact=True)).to_be_attached()
+    assert page.evaluate("window.sawPreview"), "no preview reached the page before the final images"
+    expect(page.locator("#gallery")).not_to_contain_text("(preview)")
