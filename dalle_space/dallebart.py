@@ -210,8 +210,8 @@ def encode(config: DalleBartConfig, params: Params, input_ids, attention_mask):
 class CrossContext:
     """Cross-attention keys / values of G prompts, computed once and shared by every row of a prompt."""
 
-    keys: tuple[jax.Array, ...]  # per decoder layer: (G, L, heads, head_dim)
-    values: tuple[jax.Array, ...]  # per decoder layer: (G, L, heads, head_dim)
+    keys: tuple[jax.Array, ...]  # per decoder layer: (G, heads, head_dim, L)
+    values: tuple[jax.Array, ...]  # per decoder layer: (G, heads, L, head_dim)
     bias: jax.Array  # (G, L) additive mask: 0 for text tokens, -inf for padding
 
     @property
@@ -228,27 +228,40 @@ def cross_context(config: DalleBartConfig, params: Params, encoder_states, atten
     encoder_states = encoder_states.astype(_compute_dtype(params))
     layers = params["model"]["decoder"]["layers"]
 
-    def project(name):
-        return tuple(_split_heads(_dense(encoder_states, p["FlaxBartAttention_1"][name]), heads) for p in layers)
+    def project(name, layout):  # stored in the layout the attention dots read, so no step transposes them
+        return tuple(jnp.einsum(f"glhd->{layout}", _split_heads(_dense(encoder_states, p["FlaxBartAttention_1"][name]),
+                                                                heads)) for p in layers)
 
-    return CrossContext(keys=project("k_proj"), values=project("v_proj"),
+    return CrossContext(keys=project("k_proj", "ghdl"), values=project("v_proj", "ghld"),
                         bias=_mask_to_bias(attention_mask, encoder_states.dtype))
 
 
-def _cross_attend(q, context_kv: Sequence[tuple[jax.Array, jax.Array, jax.Array]]):
-    """Cross-attention for rows grouped by context: the rows are split evenly between the contexts, and
-    within a context they are its G prompts' rows in prompt-major order, so a prompt's keys / values serve
-    all of its rows without being copied. q (R, Q, H, D); each context (keys, values, bias) of one layer."""
-    rows = q.shape[0] // len(context_kv)
-    outputs = []
-    for index, (k, v, bias) in enumerate(context_kv):
-        g = bias.shape[0]
-        part = q[index * rows:(index + 1) * rows].reshape(g, rows // g, *q.shape[1:])  # (G, S, Q, H, D)
-        outputs.append(_attend(part, k[:, None], v[:, None], bias[:, None, None, None, :]).reshape(rows, *q.shape[1:]))
-    return jnp.concatenate(outputs, axis=0) if len(outputs) > 1 else outputs[0]
+def stack_contexts(first: CrossContext, second: CrossContext) -> CrossContext:
+    """One context whose prompts are those of ``first`` then those of ``second``."""
+    return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b], axis=0), first, second)
 
 
-def _decoder_layer(h, p: Params, heads: int, self_attend, context_kv):
+def repeat_context(context: CrossContext, times: int) -> CrossContext:
+    """The context's prompts repeated: a prompt shared by ``times`` groups of rows (the empty prompt)."""
+    return jax.tree_util.tree_map(lambda a: jnp.repeat(a, times, axis=0), context)
+
+
+def _softmax_weights(scores, bias, dtype):
+    return jax.nn.softmax((scores + bias).astype(jnp.float32)).astype(dtype)
+
+
+def _cross_attend(q, keys, values, bias):
+    """Cross-attention for rows grouped by prompt: q (R, Q, H, D) holds the rows of G prompts in
+    prompt-major order (R = G * S); keys (G, H, D, L), values (G, H, L, D), bias (G, L). A prompt's keys
+    and values serve all of its rows without being copied per row."""
+    g = bias.shape[0]
+    grouped = q.reshape(g, q.shape[0] // g, *q.shape[1:])  # (G, S, Q, H, D)
+    scores = jnp.einsum("gsqhd,ghdl->gshql", grouped, keys) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+    weights = _softmax_weights(scores, bias[:, None, None, None, :], q.dtype)
+    return jnp.einsum("gshql,ghld->gsqhd", weights, values).reshape(q.shape)
+
+
+def _decoder_layer(h, p: Params, heads: int, self_attend, context: CrossContext, layer: int):
     """One normformer decoder layer on h (R, Q, d); ``self_attend(q, k, v)`` supplies causal attention
     (full sequence or KV cache) and returns its output together with whatever state it updates."""
     a = layer_norm(h, p["LayerNorm_0"])
@@ -259,7 +272,8 @@ def _decoder_layer(h, p: Params, heads: int, self_attend, context_kv):
 
     c = layer_norm(h, p["LayerNorm_2"])
     cross = p["FlaxBartAttention_1"]
-    c = _cross_attend(_split_heads(_dense(c, cross["q_proj"]), heads), context_kv)
+    q = _split_heads(_dense(c, cross["q_proj"]), heads)
+    c = _cross_attend(q, context.keys[layer], context.values[layer], context.bias)
     h = h + layer_norm(_dense(_merge_heads(c), cross["out_proj"]), p["LayerNorm_3"])
     return h + _glu(h, p["GLU_0"]), state
 
@@ -269,10 +283,6 @@ def _logits(config: DalleBartConfig, params: Params, h):
     return _dense(h, params["lm_head"])
 
 
-def _layer_context(contexts: Sequence[CrossContext], layer: int):
-    return [(c.keys[layer], c.values[layer], c.bias) for c in contexts]
-
-
 def decode_logits(config: DalleBartConfig, params: Params, decoder_input_ids, encoder_states, attention_mask):
     """Logits (B, T, image_vocab_size + 1) for a whole decoder input, no cache, as upstream ``decode``:
     ``[:, t]`` scores the token after position t."""
@@ -280,7 +290,7 @@ def decode_logits(config: DalleBartConfig, params: Params, decoder_input_ids, en
     decoder = params["model"]["decoder"]
     heads = config.decoder_attention_heads
     length = decoder_input_ids.shape[-1]
-    contexts = (cross_context(config, params, encoder_states, attention_mask),)
+    context = cross_context(config, params, encoder_states, attention_mask)
     causal_bias = _mask_to_bias(jnp.tril(jnp.ones((length, length), jnp.int32)), dtype)
     h = _embed(decoder, decoder_input_ids, jnp.arange(length), dtype)
 
@@ -288,7 +298,7 @@ def decode_logits(config: DalleBartConfig, params: Params, decoder_input_ids, en
         return _attend(q, k, v, causal_bias), None
 
     for index, p in enumerate(decoder["layers"]):
-        h, _ = _decoder_layer(h, p, heads, causal, _layer_context(contexts, index))
+        h, _ = _decoder_layer(h, p, heads, causal, context, index)
     return _logits(config, params, h)
 
 
@@ -297,24 +307,23 @@ class KVCache:
     """Self-attention keys / values of the image positions decoded so far, one buffer per decoder layer
     so that each step writes one position in place."""
 
-    keys: tuple[jax.Array, ...]  # per layer: (R, image_length, heads, head_dim)
-    values: tuple[jax.Array, ...]  # per layer: (R, image_length, heads, head_dim)
+    keys: tuple[jax.Array, ...]  # per layer: (R, heads, head_dim, image_length)
+    values: tuple[jax.Array, ...]  # per layer: (R, heads, image_length, head_dim)
 
     @classmethod
     def zeros(cls, config: DalleBartConfig, rows: int, dtype) -> "KVCache":
-        shape = (rows, config.image_length, config.decoder_attention_heads, config.head_dim)
+        heads, depth, length = config.decoder_attention_heads, config.head_dim, config.image_length
         layers = range(config.decoder_layers)
-        return cls(keys=tuple(jnp.zeros(shape, dtype) for _ in layers),
-                   values=tuple(jnp.zeros(shape, dtype) for _ in layers))
+        return cls(keys=tuple(jnp.zeros((rows, heads, depth, length), dtype) for _ in layers),
+                   values=tuple(jnp.zeros((rows, heads, length, depth), dtype) for _ in layers))
 
 
 def decoder_step(config: DalleBartConfig, params: Params, tokens, position, cache: KVCache,
-                 contexts: Sequence[CrossContext]):
+                 context: CrossContext):
     """Decode one position for R rows with the KV cache: logits (R, image_vocab_size + 1), new cache.
 
-    ``tokens`` (R,) are the inputs at ``position`` (the start token at 0). The rows are split evenly
-    between ``contexts`` (e.g. conditional rows, then unconditional rows), so several prompt sets share
-    one batched decoder call.
+    ``tokens`` (R,) are the inputs at ``position`` (the start token at 0); the rows are the rows of the
+    context's prompts, prompt-major.
     """
     dtype = _compute_dtype(params)
     decoder = params["model"]["decoder"]
@@ -325,11 +334,16 @@ def decoder_step(config: DalleBartConfig, params: Params, tokens, position, cach
     for index, p in enumerate(decoder["layers"]):
 
         def cached(q, k, v, index=index):
-            layer_keys = lax.dynamic_update_slice_in_dim(cache.keys[index], k, position, axis=1)
-            layer_values = lax.dynamic_update_slice_in_dim(cache.values[index], v, position, axis=1)
-            return _attend(q, layer_keys, layer_values, visible), (layer_keys, layer_values)
+            # The cache layouts are those the two attention dots read: no per-step transpose of the cache.
+            layer_keys = lax.dynamic_update_slice_in_dim(cache.keys[index], jnp.einsum("rqhd->rhdq", k),
+                                                         position, axis=3)
+            layer_values = lax.dynamic_update_slice_in_dim(cache.values[index], jnp.einsum("rqhd->rhqd", v),
+                                                           position, axis=2)
+            scores = jnp.einsum("rqhd,rhdt->rhqt", q, layer_keys) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+            weights = _softmax_weights(scores, visible, q.dtype)
+            return jnp.einsum("rhqt,rhtd->rqhd", weights, layer_values), (layer_keys, layer_values)
 
-        h, (layer_keys, layer_values) = _decoder_layer(h, p, heads, cached, _layer_context(contexts, index))
+        h, (layer_keys, layer_values) = _decoder_layer(h, p, heads, cached, context, index)
         keys.append(layer_keys)
         values.append(layer_values)
     return _logits(config, params, h[:, 0]), KVCache(keys=tuple(keys), values=tuple(values))

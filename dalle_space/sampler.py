@@ -166,17 +166,20 @@ def sample_positions(state: SamplingState, logits_fn: LogitsFn, spec: SamplerSpe
 
 def model_logits_fn(config: DalleBartConfig, params, cond: dallebart.CrossContext,
                     uncond: dallebart.CrossContext, mode: Mode) -> LogitsFn:
-    """The decoder call(s) of one step. ``parallel`` carries one cache of 2N rows, ``serial`` two of N."""
+    """The decoder call(s) of one step. ``parallel`` carries one cache of 2N rows and one context of 2P
+    prompts (the P prompts, then the empty prompt once per prompt, so every prompt group has the same
+    rows); ``serial`` two caches of N rows, one call each."""
+    uncond = dallebart.repeat_context(uncond, cond.num_prompts)
 
     def parallel(tokens, position, caches):
+        context = dallebart.stack_contexts(cond, uncond)
         logits, cache = dallebart.decoder_step(
-            config, params, stack_guidance_rows(tokens, tokens), position, caches[0], (cond, uncond))
+            config, params, stack_guidance_rows(tokens, tokens), position, caches[0], context)
         return (*split_guidance_rows(logits), (cache,))
 
     def serial(tokens, position, caches):
-        cond_logits, cond_cache = dallebart.decoder_step(config, params, tokens, position, caches[0], (cond,))
-        uncond_logits, uncond_cache = dallebart.decoder_step(
-            config, params, tokens, position, caches[1], (uncond,))
+        cond_logits, cond_cache = dallebart.decoder_step(config, params, tokens, position, caches[0], cond)
+        uncond_logits, uncond_cache = dallebart.decoder_step(config, params, tokens, position, caches[1], uncond)
         return cond_logits, uncond_logits, (cond_cache, uncond_cache)
 
     return {"parallel": parallel, "serial": serial}[mode]

@@ -60,7 +60,7 @@ def test_cached_step_reproduces_full_sequence_logits(expected):
     cache = dallebart.KVCache.zeros(config, 3, jnp.float32)
     for position in range(config.image_length):
         tokens = jnp.asarray(expected["decoder_input_ids"][:, position])
-        logits, cache = decoder_step(config, params, tokens, jnp.int32(position), cache, (context,))
+        logits, cache = decoder_step(config, params, tokens, jnp.int32(position), cache, context)
         np.testing.assert_allclose(logits, full[:, position], rtol=1e-5, atol=1e-6,
                                    err_msg=f"position {position}")
 
