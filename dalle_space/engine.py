@@ -160,7 +160,8 @@ class Engine:
 
     def __init__(self, config: DalleBartConfig, params, tokenizer, normalizer: text.TextNormalizer | None,
                  vqgan_config: VQGANConfig | None, vqgan_params, info: ModelInfo,
-                 max_images: int = DEFAULT_MAX_IMAGES, cache_entries: int = 32):
+                 max_images: int = DEFAULT_MAX_IMAGES, cache_entries: int = 32,
+                 progress_chunks: int = PROGRESS_CHUNKS):
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
@@ -169,6 +170,9 @@ class Engine:
         self.vqgan_params = vqgan_params
         self.info = info
         self.max_images = max_images
+        if config.image_length % progress_chunks:
+            raise ValueError(f"{progress_chunks} chunks do not divide {config.image_length} image positions.")
+        self.progress_chunks = progress_chunks
         self._cache = CompiledCache(cache_entries)
         self._mesh = Mesh(np.array(jax.devices()), ("batch",)) if jax.device_count() > 1 else None
         if self._mesh is not None:  # data parallel: weights on every device, images spread over them
@@ -312,7 +316,7 @@ class Engine:
         encode_s = time.perf_counter() - start
 
         start = time.perf_counter()
-        chunk = config.image_length // PROGRESS_CHUNKS
+        chunk = config.image_length // self.progress_chunks
         advance_args = (config, self.params, state, cond, uncond, warping, spec, chunk)
         advance, advance_compile_s = self._cache.get(("advance", spec, chunk), self._advance, *advance_args)
         for done in range(chunk, config.image_length + 1, chunk):
