@@ -15,6 +15,19 @@ class UnsupportedConfigError(ValueError):
     """A checkpoint's config asks for an option this implementation does not compute."""
 
 
+def _refuse_unsupported(model: str, raw: Mapping[str, Any], fixed: Mapping[str, Any]) -> None:
+    """Raise one error naming every option whose value this implementation does not compute."""
+    unsupported = [f"{name}={raw[name]!r} (supported: {expected!r})"
+                   for name, expected in fixed.items() if name in raw and raw[name] != expected]
+    if unsupported:
+        raise UnsupportedConfigError(
+            f"{model} config asks for options this implementation does not support: " + ", ".join(unsupported))
+
+
+def _known_fields(cls, raw: Mapping[str, Any]) -> dict[str, Any]:
+    return {f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw}
+
+
 @dataclasses.dataclass(frozen=True)
 class DalleBartConfig:
     d_model: int = 1024  # width of every hidden state
@@ -46,18 +59,8 @@ class DalleBartConfig:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "DalleBartConfig":
         """Build from an upstream ``config.json`` dict, refusing options whose computation differs."""
-        unsupported = [
-            f"{name}={raw[name]!r} (supported: {expected!r})"
-            for name, expected in _DALLEBART_FIXED.items()
-            if name in raw and raw[name] != expected
-        ]
-        if unsupported:
-            raise UnsupportedConfigError(
-                "DalleBart config asks for options this implementation does not support: "
-                + ", ".join(unsupported)
-            )
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: raw[k] for k in fields if k in raw}
+        _refuse_unsupported("DalleBart", raw, _DALLEBART_FIXED)
+        values = _known_fields(cls, raw)
         # Upstream's DalleBartConfig sets every special id to image_vocab_size unless given.
         image_vocab_size = values.get("image_vocab_size", cls.image_vocab_size)
         for name in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
@@ -117,20 +120,9 @@ class VQGANConfig:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "VQGANConfig":
-        unsupported = [
-            f"{name}={raw[name]!r} (supported: {expected!r})"
-            for name, expected in _VQGAN_FIXED.items()
-            if name in raw and raw[name] != expected
-        ]
-        if "num_resolutions" in raw and raw["num_resolutions"] != len(raw.get("ch_mult", cls.ch_mult)):
-            unsupported.append(f"num_resolutions={raw['num_resolutions']!r} (must equal len(ch_mult))")
-        if unsupported:
-            raise UnsupportedConfigError(
-                "VQGAN config asks for options this implementation does not support: "
-                + ", ".join(unsupported)
-            )
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: raw[k] for k in fields if k in raw}
+        num_resolutions = {"num_resolutions": len(raw.get("ch_mult", cls.ch_mult))}
+        _refuse_unsupported("VQGAN", raw, {**_VQGAN_FIXED, **num_resolutions})
+        values = _known_fields(cls, raw)
         for name in ("ch_mult", "attn_resolutions"):
             if name in values:
                 values[name] = tuple(values[name])

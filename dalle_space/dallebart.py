@@ -14,7 +14,7 @@ attention has no biases; the feed-forward is a GLU with an inner norm; learned a
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import flax.struct
 import jax
@@ -82,29 +82,32 @@ def _param_layout(config: DalleBartConfig) -> dict[str, Any]:
     }
 
 
-def init_params(config: DalleBartConfig, seed: int, dtype: Any = jnp.float32) -> Params:
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _random_leaf(name: str, shape: tuple[int, ...], dtype, key):
+    if name == "scale":
+        return jnp.ones(shape, dtype)
+    if name == "bias":
+        return jnp.zeros(shape, dtype)
+    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def init_params(config: DalleBartConfig, seed: int, dtype: Any = jnp.float32, runtime: bool = False) -> Params:
     """Random weights in the checkpoint's tree, as upstream initialises them (normal(0.02), norms 1/0).
 
-    Deterministic for a seed, so benchmarks of different implementations can share weights.
+    Deterministic for a seed, so benchmarks of different implementations can share weights. Drawn leaf
+    by leaf; with ``runtime`` every layer stack is split as soon as it is drawn and the runtime tree
+    (``unstack_layers``) comes back, so memory peaks at the weights plus one stack, not twice the weights.
     """
-
-    def build(key):
-        paths, treedef = jax.tree_util.tree_flatten_with_path(
-            _param_layout(config), is_leaf=lambda x: isinstance(x, tuple)
-        )
-        keys = jax.random.split(key, len(paths))
-        leaves = []
-        for (path, shape), leaf_key in zip(paths, keys):
-            name = path[-1].key
-            if name == "scale":
-                leaves.append(jnp.ones(shape, dtype))
-            elif name == "bias":
-                leaves.append(jnp.zeros(shape, dtype))
-            else:
-                leaves.append((0.02 * jax.random.normal(leaf_key, shape, jnp.float32)).astype(dtype))
-        return jax.tree_util.tree_unflatten(treedef, leaves)
-
-    return jax.jit(build)(jax.random.PRNGKey(seed))
+    paths, treedef = jax.tree_util.tree_flatten_with_path(
+        _param_layout(config), is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(paths))
+    leaves = []
+    for (path, shape), key in zip(paths, keys):
+        leaf = _random_leaf(path[-1].key, shape, jnp.dtype(dtype), key)
+        stacked = any(getattr(p, "key", None) in (_ENCODER, _DECODER) for p in path)
+        leaves.append(tuple(leaf[i] for i in range(shape[0])) if runtime and stacked else leaf)
+    params = jax.tree_util.tree_unflatten(treedef, leaves)
+    return unstack_layers(params) if runtime else params
 
 
 def param_shapes(config: DalleBartConfig) -> Params:
@@ -112,14 +115,20 @@ def param_shapes(config: DalleBartConfig) -> Params:
     return jax.eval_shape(functools.partial(init_params, config), 0)
 
 
+def _is_split(x) -> bool:
+    return isinstance(x, tuple)
+
+
 def unstack_layers(params: Params) -> Params:
-    """The runtime tree: each stacked layer subtree becomes a tuple of per-layer trees."""
+    """The runtime tree: each stacked layer subtree becomes a tuple of per-layer trees. A stacked leaf
+    may also come already split, as a tuple of per-layer arrays."""
     model = params["model"]
     runtime = {"lm_head": params["lm_head"], "model": {}}
     for part, name in (("encoder", _ENCODER), ("decoder", _DECODER)):
         stacked = model[part]["layers"][name]
-        count = jax.tree_util.tree_leaves(stacked)[0].shape[0]
-        layers = tuple(jax.tree_util.tree_map(lambda x, i=i: x[i], stacked) for i in range(count))
+        count = len(jax.tree_util.tree_leaves(stacked, is_leaf=_is_split)[0])
+        layers = tuple(jax.tree_util.tree_map(lambda x, i=i: x[i], stacked, is_leaf=_is_split)
+                       for i in range(count))
         runtime["model"][part] = {**model[part], "layers": layers}
     return runtime
 

@@ -215,7 +215,7 @@ class Engine:
         Prompts are token ids here, so the tokenizer is the bundled one (same special ids as BART)."""
         enable_persistent_compilation_cache()
         config = DALLEBART_PRESETS[preset]
-        params = dallebart.unstack_layers(dallebart.init_params(config, seed, checkpoints.dtype_of(dtype)))
+        params = dallebart.init_params(config, seed, checkpoints.dtype_of(dtype), runtime=True)
         tokenizer = text.load_tokenizer(bundled.build_dallebart(bundled.cache_dir()))
         info = ModelInfo(model=f"{preset} (random weights)", revision=None, dtype=dtype, device=_device_name())
         return cls(config, params, tokenizer, None, None, None, info, **kwargs)

@@ -16,7 +16,7 @@ batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal
 
 import flax.struct
 import jax
@@ -223,16 +223,3 @@ def advance(config: DalleBartConfig, params, state: SamplingState, cond: dalleba
     logits_fn = model_logits_fn(config, params, cond, uncond, spec.mode)
     return sample_positions(state, logits_fn, spec, warping, n_positions,
                             config.eos_token_id, config.pad_token_id)
-
-
-def sample(config: DalleBartConfig, params, input_ids, attention_mask, uncond_ids, uncond_mask, keys,
-           warping: Warping, spec: SamplerSpec):
-    """All image tokens (N, image_length) in one function: prepare, then every position."""
-    state, cond, uncond = prepare(config, params, input_ids, attention_mask, uncond_ids, uncond_mask,
-                                  keys, spec.mode)
-    return advance(config, params, state, cond, uncond, warping, spec, config.image_length).sequences
-
-
-def image_keys(seeds: Sequence[int]):
-    """One raw PRNG key per image, ``PRNGKey(seed)``, as upstream builds its key from a seed."""
-    return jnp.stack([jax.random.PRNGKey(s) for s in seeds])
