@@ -170,11 +170,11 @@ def model_logits_fn(config: DalleBartConfig, params, cond: dallebart.CrossContex
     prompts (the P prompts, then the empty prompt once per prompt, so every prompt group has the same
     rows); ``serial`` two caches of N rows, one call each."""
     uncond = dallebart.repeat_context(uncond, cond.num_prompts)
+    both = dallebart.stack_contexts(cond, uncond)  # built once, outside the loop over positions
 
     def parallel(tokens, position, caches):
-        context = dallebart.stack_contexts(cond, uncond)
         logits, cache = dallebart.decoder_step(
-            config, params, stack_guidance_rows(tokens, tokens), position, caches[0], context)
+            config, params, stack_guidance_rows(tokens, tokens), position, caches[0], both)
         return (*split_guidance_rows(logits), (cache,))
 
     def serial(tokens, position, caches):
