@@ -48,7 +48,8 @@ EXAMPLES = [
 
 CSS = ".fallback-banner { background: #fff3cd; border: 1px solid #e0b100; border-radius: 8px; padding: 0 12px; }"
 
-engine = load_engine(os.environ.get("DALLE_MODEL", "mini"), os.environ.get("DALLE_DTYPE", "float32"))
+engine = load_engine(os.environ.get("DALLE_MODEL", "mini"), os.environ.get("DALLE_DTYPE", "float32"),
+                     revision=os.environ.get("DALLE_REVISION") or None)
 engine.warmup()
 _engine_lock = threading.Lock()  # a cancelled request's worker may still be sampling
 SEED_RANGE = (0, MAX_SEED - engine.max_images)  # leaves room for seed + j on every image
