@@ -1,0 +1,1 @@
+"""dalle-space: DALL·E mini / mega in JAX with parallel super-conditioning (see README.md)."""
