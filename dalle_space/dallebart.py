@@ -161,10 +161,15 @@ def _merge_heads(x):
     return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
 
 
+def _attention_weights(scores, q, bias):
+    """Softmax over keys of q·k scores scaled by 1/sqrt(head_dim), plus the additive mask; in float32."""
+    scaled = scores / jnp.sqrt(q.shape[-1]).astype(q.dtype) + bias
+    return jax.nn.softmax(scaled.astype(jnp.float32)).astype(q.dtype)
+
+
 def _attend(q, k, v, bias):
     """Softmax attention: q (..., Q, H, D), k/v (..., K, H, D), additive bias broadcast to (..., H, Q, K)."""
-    scores = jnp.einsum("...qhd,...khd->...hqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-    weights = jax.nn.softmax((scores + bias).astype(jnp.float32)).astype(q.dtype)
+    weights = _attention_weights(jnp.einsum("...qhd,...khd->...hqk", q, k), q, bias)
     return jnp.einsum("...hqk,...khd->...qhd", weights, v)
 
 
@@ -185,7 +190,8 @@ def _embed(part: Params, ids, positions, dtype):
     return layer_norm(h.astype(dtype), part["layernorm_embedding"])
 
 
-def _compute_dtype(params: Params):
+def compute_dtype(params: Params):
+    """The dtype the model computes in: that of its (cast) weights."""
     return params["lm_head"]["kernel"].dtype
 
 
@@ -195,7 +201,7 @@ def _compute_dtype(params: Params):
 
 def encode(config: DalleBartConfig, params: Params, input_ids, attention_mask):
     """Encoder states (B, L, d) after the final norm, as upstream ``DalleBart.encode``."""
-    dtype = _compute_dtype(params)
+    dtype = compute_dtype(params)
     encoder = params["model"]["encoder"]
     heads = config.encoder_attention_heads
     bias = _mask_to_bias(attention_mask, dtype)[:, None, None, :]
@@ -234,7 +240,7 @@ def cross_context(config: DalleBartConfig, params: Params, encoder_states, atten
     Upstream recomputes these from the encoder states at every image position; they never change.
     """
     heads = config.decoder_attention_heads
-    encoder_states = encoder_states.astype(_compute_dtype(params))
+    encoder_states = encoder_states.astype(compute_dtype(params))
     layers = params["model"]["decoder"]["layers"]
 
     def project(name, layout):  # stored in the layout the attention dots read, so no step transposes them
@@ -255,18 +261,13 @@ def repeat_context(context: CrossContext, times: int) -> CrossContext:
     return jax.tree_util.tree_map(lambda a: jnp.repeat(a, times, axis=0), context)
 
 
-def _softmax_weights(scores, bias, dtype):
-    return jax.nn.softmax((scores + bias).astype(jnp.float32)).astype(dtype)
-
-
 def _cross_attend(q, keys, values, bias):
     """Cross-attention for rows grouped by prompt: q (R, Q, H, D) holds the rows of G prompts in
     prompt-major order (R = G * S); keys (G, H, D, L), values (G, H, L, D), bias (G, L). A prompt's keys
     and values serve all of its rows without being copied per row."""
     g = bias.shape[0]
     grouped = q.reshape(g, q.shape[0] // g, *q.shape[1:])  # (G, S, Q, H, D)
-    scores = jnp.einsum("gsqhd,ghdl->gshql", grouped, keys) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-    weights = _softmax_weights(scores, bias[:, None, None, None, :], q.dtype)
+    weights = _attention_weights(jnp.einsum("gsqhd,ghdl->gshql", grouped, keys), q, bias[:, None, None, None, :])
     return jnp.einsum("gshql,ghld->gsqhd", weights, values).reshape(q.shape)
 
 
@@ -287,7 +288,7 @@ def _decoder_layer(h, p: Params, heads: int, self_attend, context: CrossContext,
     return h + _glu(h, p["GLU_0"]), state
 
 
-def _logits(config: DalleBartConfig, params: Params, h):
+def _logits(params: Params, h):
     h = layer_norm(h, params["model"]["decoder"]["final_ln"])
     return _dense(h, params["lm_head"])
 
@@ -295,7 +296,7 @@ def _logits(config: DalleBartConfig, params: Params, h):
 def decode_logits(config: DalleBartConfig, params: Params, decoder_input_ids, encoder_states, attention_mask):
     """Logits (B, T, image_vocab_size + 1) for a whole decoder input, no cache, as upstream ``decode``:
     ``[:, t]`` scores the token after position t."""
-    dtype = _compute_dtype(params)
+    dtype = compute_dtype(params)
     decoder = params["model"]["decoder"]
     heads = config.decoder_attention_heads
     length = decoder_input_ids.shape[-1]
@@ -308,7 +309,7 @@ def decode_logits(config: DalleBartConfig, params: Params, decoder_input_ids, en
 
     for index, p in enumerate(decoder["layers"]):
         h, _ = _decoder_layer(h, p, heads, causal, context, index)
-    return _logits(config, params, h)
+    return _logits(params, h)
 
 
 @flax.struct.dataclass
@@ -334,7 +335,7 @@ def decoder_step(config: DalleBartConfig, params: Params, tokens, position, cach
     ``tokens`` (R,) are the inputs at ``position`` (the start token at 0); the rows are the rows of the
     context's prompts, prompt-major.
     """
-    dtype = _compute_dtype(params)
+    dtype = compute_dtype(params)
     decoder = params["model"]["decoder"]
     heads = config.decoder_attention_heads
     visible = _mask_to_bias(jnp.arange(config.image_length) <= position, dtype)
@@ -348,11 +349,10 @@ def decoder_step(config: DalleBartConfig, params: Params, tokens, position, cach
                                                          position, axis=3)
             layer_values = lax.dynamic_update_slice_in_dim(cache.values[index], jnp.einsum("rqhd->rhqd", v),
                                                            position, axis=2)
-            scores = jnp.einsum("rqhd,rhdt->rhqt", q, layer_keys) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-            weights = _softmax_weights(scores, visible, q.dtype)
+            weights = _attention_weights(jnp.einsum("rqhd,rhdt->rhqt", q, layer_keys), q, visible)
             return jnp.einsum("rhqt,rhtd->rqhd", weights, layer_values), (layer_keys, layer_values)
 
         h, (layer_keys, layer_values) = _decoder_layer(h, p, heads, cached, context, index)
         keys.append(layer_keys)
         values.append(layer_values)
-    return _logits(config, params, h[:, 0]), KVCache(keys=tuple(keys), values=tuple(values))
+    return _logits(params, h[:, 0]), KVCache(keys=tuple(keys), values=tuple(values))

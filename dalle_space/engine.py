@@ -180,7 +180,7 @@ class Engine:
         uncond_ids, uncond_mask = text.unconditional_ids(tokenizer, config.max_text_length)
         self._uncond = (jnp.asarray(uncond_ids), jnp.asarray(uncond_mask))
         self._prepare = jax.jit(sampler.prepare, static_argnums=(0, 7))
-        self._advance = jax.jit(sampler.advance, static_argnums=(0, 6, 7), donate_argnums=(2,))
+        self._advance = jax.jit(sampler.advance, static_argnums=(0, 5, 6), donate_argnums=(2,))
         self._decode = jax.jit(vqgan.decode_codes, static_argnums=0) if vqgan_config else None
 
     @classmethod
@@ -311,16 +311,16 @@ class Engine:
                 *self._uncond, jnp.asarray(keys, jnp.uint32), spec.mode)
         prepare, prepare_compile_s = self._cache.get(("prepare", spec.n_prompts, spec.n_images, spec.mode),
                                                      self._prepare, *args)
-        state, cond, uncond = prepare(*args[1:7])
+        state, contexts = prepare(*args[1:7])
         state = self._shard_rows(jax.block_until_ready(state))
         encode_s = time.perf_counter() - start
 
         start = time.perf_counter()
         chunk = config.image_length // self.progress_chunks
-        advance_args = (config, self.params, state, cond, uncond, warping, spec, chunk)
+        advance_args = (config, self.params, state, contexts, warping, spec, chunk)
         advance, advance_compile_s = self._cache.get(("advance", spec, chunk), self._advance, *advance_args)
         for done in range(chunk, config.image_length + 1, chunk):
-            state = advance(self.params, self._shard_rows(state), cond, uncond, warping)
+            state = advance(self.params, self._shard_rows(state), contexts, warping)
             if progress is not None:
                 jax.block_until_ready(state.position)
                 images = self._images(state.sequences)[0] if preview and self._decode else None

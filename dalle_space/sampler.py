@@ -164,22 +164,20 @@ def sample_positions(state: SamplingState, logits_fn: LogitsFn, spec: SamplerSpe
 # The model side
 
 
-def model_logits_fn(config: DalleBartConfig, params, cond: dallebart.CrossContext,
-                    uncond: dallebart.CrossContext, mode: Mode) -> LogitsFn:
-    """The decoder call(s) of one step. ``parallel`` carries one cache of 2N rows and one context of 2P
-    prompts (the P prompts, then the empty prompt once per prompt, so every prompt group has the same
-    rows); ``serial`` two caches of N rows, one call each."""
-    uncond = dallebart.repeat_context(uncond, cond.num_prompts)
-    both = dallebart.stack_contexts(cond, uncond)  # built once, outside the loop over positions
+def model_logits_fn(config: DalleBartConfig, params, contexts: tuple[dallebart.CrossContext, ...],
+                    mode: Mode) -> LogitsFn:
+    """The decoder call(s) of one step, one per cache and context (see ``prepare``): ``parallel`` makes
+    one call on 2N rows, ``serial`` two calls on N rows each."""
 
     def parallel(tokens, position, caches):
         logits, cache = dallebart.decoder_step(
-            config, params, stack_guidance_rows(tokens, tokens), position, caches[0], both)
+            config, params, stack_guidance_rows(tokens, tokens), position, caches[0], contexts[0])
         return (*split_guidance_rows(logits), (cache,))
 
     def serial(tokens, position, caches):
-        cond_logits, cond_cache = dallebart.decoder_step(config, params, tokens, position, caches[0], cond)
-        uncond_logits, uncond_cache = dallebart.decoder_step(config, params, tokens, position, caches[1], uncond)
+        cond_logits, cond_cache = dallebart.decoder_step(config, params, tokens, position, caches[0], contexts[0])
+        uncond_logits, uncond_cache = dallebart.decoder_step(
+            config, params, tokens, position, caches[1], contexts[1])
         return cond_logits, uncond_logits, (cond_cache, uncond_cache)
 
     return {"parallel": parallel, "serial": serial}[mode]
@@ -192,19 +190,23 @@ def initial_caches(config: DalleBartConfig, n_images: int, mode: Mode, dtype) ->
 
 
 def prepare(config: DalleBartConfig, params, input_ids, attention_mask, uncond_ids, uncond_mask, keys,
-            mode: Mode) -> tuple[SamplingState, dallebart.CrossContext, dallebart.CrossContext]:
-    """Encode once and build the loop's first state.
+            mode: Mode) -> tuple[SamplingState, tuple[dallebart.CrossContext, ...]]:
+    """Encode once and build the loop's first state and the cross-attention contexts of its decoder calls.
 
     input_ids / attention_mask (P, L); uncond_ids / uncond_mask (1, L), the empty prompt, encoded once
     for the whole batch; keys (N, 2), prompt-major, N a multiple of P. Cross-attention keys / values are
-    computed once per prompt and shared by its images.
+    computed once per prompt and shared by its images; the empty prompt's are repeated once per prompt so
+    both halves of the rows have P groups. ``parallel`` gets one context of 2P prompts ([cond; uncond], as
+    the rows), ``serial`` one context per call.
     """
     n_images = keys.shape[0]
     cond = dallebart.cross_context(
         config, params, dallebart.encode(config, params, input_ids, attention_mask), attention_mask)
-    uncond = dallebart.cross_context(
-        config, params, dallebart.encode(config, params, uncond_ids, uncond_mask), uncond_mask)
-    dtype = params["lm_head"]["kernel"].dtype
+    uncond = dallebart.repeat_context(dallebart.cross_context(
+        config, params, dallebart.encode(config, params, uncond_ids, uncond_mask), uncond_mask),
+        input_ids.shape[0])
+    contexts = (dallebart.stack_contexts(cond, uncond),) if mode == "parallel" else (cond, uncond)
+    dtype = dallebart.compute_dtype(params)
     state = SamplingState(
         position=jnp.zeros((), jnp.int32),
         tokens=jnp.full((n_images,), config.decoder_start_token_id, jnp.int32),
@@ -213,13 +215,12 @@ def prepare(config: DalleBartConfig, params, input_ids, attention_mask, uncond_i
         sequences=jnp.full((n_images, config.image_length), config.pad_token_id, jnp.int32),
         caches=initial_caches(config, n_images, mode, dtype),
     )
-    return state, cond, uncond
+    return state, contexts
 
 
-def advance(config: DalleBartConfig, params, state: SamplingState, cond: dallebart.CrossContext,
-            uncond: dallebart.CrossContext, warping: Warping, spec: SamplerSpec,
-            n_positions: int) -> SamplingState:
+def advance(config: DalleBartConfig, params, state: SamplingState, contexts: tuple[dallebart.CrossContext, ...],
+            warping: Warping, spec: SamplerSpec, n_positions: int) -> SamplingState:
     """Sample the next ``n_positions`` image positions of every image."""
-    logits_fn = model_logits_fn(config, params, cond, uncond, spec.mode)
+    logits_fn = model_logits_fn(config, params, contexts, spec.mode)
     return sample_positions(state, logits_fn, spec, warping, n_positions,
                             config.eos_token_id, config.pad_token_id)
