@@ -141,14 +141,14 @@ def _to_device(params: dict[str, Any], dtype) -> dict[str, Any]:
 
 def load_dallebart(source: str | Path = "mini", revision: str | None = None,
                    dtype: str = "float32") -> tuple[DalleBartConfig, dict[str, Any]]:
-    """(config, params) of a DalleBart checkpoint: the runtime tree (``dallebart.unstack_layers``) cast
+    """(config, params) of a DalleBart checkpoint: the runtime tree (``dallebart.runtime_params``) cast
     to the compute ``dtype``."""
     compute_dtype = dtype_of(dtype)
     folder, _ = locate_dallebart(source, revision)
     config = DalleBartConfig.from_dict(read_config(folder))
     params = stack_layers(read_params(folder))
     check_tree(params, dallebart.param_shapes(config), "DalleBart")
-    return config, _to_device(dallebart.unstack_layers(params), compute_dtype)
+    return config, dallebart.runtime_params(params, lambda x: jnp.asarray(x, dtype=compute_dtype))
 
 
 def load_vqgan(source: str | Path = "f16_16384", revision: str | None = None,

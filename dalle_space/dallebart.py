@@ -1,11 +1,17 @@
-"""DalleBart (DALL·E mini / mega) as pure JAX functions over the upstream checkpoint's parameter tree.
+"""DalleBart (DALL·E mini / mega) as pure JAX functions over the upstream checkpoint's parameters.
 
 Checkpoints store the tree upstream ``save_pretrained`` writes with ``use_scan``: every encoder / decoder
 layer stacked on a leading axis under ``layers/FlaxBart{Encoder,Decoder}Layers`` (``param_shapes``). The
-functions here take the *runtime* tree (``unstack_layers``): the same names, with ``layers`` a tuple of
-one tree per layer. Layers then run as a Python loop over separate weight buffers; a ``lax.scan`` over
-the stacked axis slices (copies) every layer's weights at every image position, which made a decoder
-step about four times slower on CPU.
+functions here take the *runtime* tree (``runtime_params``), which differs in two ways chosen for speed on
+CPU, where one image token is a handful of matrix-vector products over ~0.8 GB of weights:
+
+- ``layers`` is a tuple of one tree per layer. Layers run as a Python loop over separate weight buffers;
+  a ``lax.scan`` over the stacked axis slices (copies) every layer's weights at every image position,
+  which made a decoder step about four times slower.
+- every layer's dense ``kernel`` (in, out) is stored transposed as ``weight`` (out, in), and activations
+  are feature-major: (features, rows...). Each product is then ``weight @ h``, the layout XLA:CPU runs
+  fastest; with 16 rows the decoder's products ran twice as fast as ``h @ kernel``. The lm head keeps its
+  ``kernel`` (see ``_logits``). The public functions take and return the usual token-major arrays.
 
 Architecture (normformer): each block is ``x + post_norm(op(pre_norm(x)))``; pre-norms have no scale;
 attention has no biases; the feed-forward is a GLU with an inner norm; learned absolute positions.
@@ -14,11 +20,12 @@ attention has no biases; the feed-forward is a GLU with an inner norm; learned a
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+from flax.traverse_util import flatten_dict, unflatten_dict
 from jax import lax
 
 from .config import DalleBartConfig
@@ -95,19 +102,18 @@ def init_params(config: DalleBartConfig, seed: int, dtype: Any = jnp.float32, ru
     """Random weights in the checkpoint's tree, as upstream initialises them (normal(0.02), norms 1/0).
 
     Deterministic for a seed, so benchmarks of different implementations can share weights. Drawn leaf
-    by leaf; with ``runtime`` every layer stack is split as soon as it is drawn and the runtime tree
-    (``unstack_layers``) comes back, so memory peaks at the weights plus one stack, not twice the weights.
+    by leaf; with ``runtime`` each leaf is turned into its runtime form as soon as it is drawn and the
+    runtime tree comes back, so memory peaks at the weights plus one stacked leaf, not twice the weights.
     """
     paths, treedef = jax.tree_util.tree_flatten_with_path(
         _param_layout(config), is_leaf=lambda x: isinstance(x, tuple))
     keys = jax.random.split(jax.random.PRNGKey(seed), len(paths))
-    leaves = []
+    leaves = {}
     for (path, shape), key in zip(paths, keys):
-        leaf = _random_leaf(path[-1].key, shape, jnp.dtype(dtype), key)
-        stacked = any(getattr(p, "key", None) in (_ENCODER, _DECODER) for p in path)
-        leaves.append(tuple(leaf[i] for i in range(shape[0])) if runtime and stacked else leaf)
-    params = jax.tree_util.tree_unflatten(treedef, leaves)
-    return unstack_layers(params) if runtime else params
+        names = tuple(p.key for p in path)
+        leaf = _random_leaf(names[-1], shape, jnp.dtype(dtype), key)
+        leaves.update(_runtime_leaves(names, leaf) if runtime else {names: leaf})
+    return _unflatten_runtime(leaves) if runtime else jax.tree_util.tree_unflatten(treedef, list(leaves.values()))
 
 
 def param_shapes(config: DalleBartConfig) -> Params:
@@ -115,22 +121,37 @@ def param_shapes(config: DalleBartConfig) -> Params:
     return jax.eval_shape(functools.partial(init_params, config), 0)
 
 
-def _is_split(x) -> bool:
-    return isinstance(x, tuple)
+def _runtime_leaves(path: tuple[str, ...], leaf, convert=lambda x: x) -> dict[tuple, Any]:
+    """One checkpoint leaf in the runtime tree: {runtime path: converted array}. A stacked leaf becomes
+    one leaf per layer, a layer's ``kernel`` becomes its transpose ``weight``."""
+    make = convert
+    if path[-1] == "kernel" and path[0] != "lm_head":
+        path, make = (*path[:-1], "weight"), lambda x: convert(x.T)
+    stacked = next((i for i, name in enumerate(path) if name in (_ENCODER, _DECODER)), None)
+    if stacked is None:
+        return {path: make(leaf)}
+    return {(*path[:stacked], i, *path[stacked + 1:]): make(leaf[i]) for i in range(leaf.shape[0])}
 
 
-def unstack_layers(params: Params) -> Params:
-    """The runtime tree: each stacked layer subtree becomes a tuple of per-layer trees. A stacked leaf
-    may also come already split, as a tuple of per-layer arrays."""
-    model = params["model"]
-    runtime = {"lm_head": params["lm_head"], "model": {}}
-    for part, name in (("encoder", _ENCODER), ("decoder", _DECODER)):
-        stacked = model[part]["layers"][name]
-        count = len(jax.tree_util.tree_leaves(stacked, is_leaf=_is_split)[0])
-        layers = tuple(jax.tree_util.tree_map(lambda x, i=i: x[i], stacked, is_leaf=_is_split)
-                       for i in range(count))
-        runtime["model"][part] = {**model[part], "layers": layers}
-    return runtime
+def runtime_params(params: Params, convert: Callable[[Any], Any] = lambda x: x) -> Params:
+    """The tree the model functions take (see the module docstring), from a checkpoint tree with stacked
+    layers; ``convert`` places / casts each runtime leaf as it is made."""
+    leaves = {}
+    for path, leaf in flatten_dict(params).items():
+        leaves.update(_runtime_leaves(path, leaf, convert))
+    return _unflatten_runtime(leaves)
+
+
+def _unflatten_runtime(leaves: dict[tuple, Any]) -> Params:
+    """Nest flat runtime paths; the per-layer subtrees (integer keys) become a tuple in layer order."""
+    def layers_to_tuples(tree):
+        if not isinstance(tree, dict):
+            return tree
+        if all(isinstance(k, int) for k in tree):
+            return tuple(layers_to_tuples(tree[i]) for i in range(len(tree)))
+        return {k: layers_to_tuples(v) for k, v in tree.items()}
+
+    return layers_to_tuples(unflatten_dict(leaves))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -138,39 +159,51 @@ def unstack_layers(params: Params) -> Params:
 
 
 def layer_norm(x, params: Params):
-    """flax ``nn.LayerNorm`` (eps 1e-5) with statistics in float32; ``scale`` is absent in pre-norms."""
+    """flax ``nn.LayerNorm`` (eps 1e-5) over the feature axis 0, with statistics in float32; ``scale`` is
+    absent in pre-norms."""
     x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.maximum(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) - jnp.square(mean), 0.0)
+    mean = jnp.mean(x32, axis=0, keepdims=True)
+    var = jnp.maximum(jnp.mean(jnp.square(x32), axis=0, keepdims=True) - jnp.square(mean), 0.0)
     multiplier = lax.rsqrt(var + _LN_EPS)
+    features = (-1,) + (1,) * (x.ndim - 1)
     if "scale" in params:
-        multiplier = multiplier * params["scale"].astype(jnp.float32)
-    y = (x32 - mean) * multiplier + params["bias"].astype(jnp.float32)
+        multiplier = multiplier * params["scale"].astype(jnp.float32).reshape(features)
+    y = (x32 - mean) * multiplier + params["bias"].astype(jnp.float32).reshape(features)
     return y.astype(x.dtype)
 
 
 def _dense(x, params: Params):
-    return x @ params["kernel"]
+    """(in, ...) -> (out, ...) with the weight (out, in): the product XLA:CPU runs fastest."""
+    return jnp.tensordot(params["weight"], x, axes=1)
 
 
 def _split_heads(x, heads: int):
-    return x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)
+    """(heads * head_dim, ...) -> (heads, head_dim, ...)"""
+    return x.reshape(heads, x.shape[0] // heads, *x.shape[1:])
 
 
 def _merge_heads(x):
-    return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
 def _attention_weights(scores, q, bias):
-    """Softmax over keys of q·k scores scaled by 1/sqrt(head_dim), plus the additive mask; in float32."""
-    scaled = scores / jnp.sqrt(q.shape[-1]).astype(q.dtype) + bias
+    """Softmax over keys of q·k scores scaled by 1/sqrt(head_dim), plus the additive mask; in float32.
+    ``q`` is (heads, head_dim, ...)."""
+    scaled = scores / jnp.sqrt(q.shape[1]).astype(q.dtype) + bias
     return jax.nn.softmax(scaled.astype(jnp.float32)).astype(q.dtype)
 
 
 def _attend(q, k, v, bias):
-    """Softmax attention: q (..., Q, H, D), k/v (..., K, H, D), additive bias broadcast to (..., H, Q, K)."""
-    weights = _attention_weights(jnp.einsum("...qhd,...khd->...hqk", q, k), q, bias)
-    return jnp.einsum("...hqk,...khd->...qhd", weights, v)
+    """Softmax attention: q (H, D, B, Q), k / v (H, D, B, K), additive bias broadcast to (B, H, Q, K)."""
+    weights = _attention_weights(jnp.einsum("hdbq,hdbk->bhqk", q, k), q, bias)
+    return jnp.einsum("bhqk,hdbk->hdbq", weights, v)
+
+
+def _batch_major(q, transpose: str):
+    """The queries transposed so that an attention product's batch axes lead, in the order of the cached
+    keys / values: an einsum takes its batch order from its first operand, and any other order makes
+    XLA transpose the (much larger) keys and values at every step."""
+    return jnp.einsum(transpose, q)
 
 
 def _mask_to_bias(mask, dtype):
@@ -186,8 +219,9 @@ def _glu(x, params: Params):
 
 
 def _embed(part: Params, ids, positions, dtype):
+    """Feature-major embeddings (d, *ids.shape)."""
     h = part["embed_tokens"]["embedding"][ids] + part["embed_positions"]["embedding"][positions]
-    return layer_norm(h.astype(dtype), part["layernorm_embedding"])
+    return layer_norm(jnp.moveaxis(h.astype(dtype), -1, 0), part["layernorm_embedding"])
 
 
 def compute_dtype(params: Params):
@@ -214,7 +248,7 @@ def encode(config: DalleBartConfig, params: Params, input_ids, attention_mask):
         a = _dense(_merge_heads(_attend(q, k, v, bias)), attention["out_proj"])
         h = h + layer_norm(a, p["LayerNorm_1"])
         h = h + _glu(h, p["GLU_0"])
-    return layer_norm(h, encoder["final_ln"])
+    return jnp.moveaxis(layer_norm(h, encoder["final_ln"]), 0, -1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -240,15 +274,16 @@ def cross_context(config: DalleBartConfig, params: Params, encoder_states, atten
     Upstream recomputes these from the encoder states at every image position; they never change.
     """
     heads = config.decoder_attention_heads
-    encoder_states = encoder_states.astype(compute_dtype(params))
+    dtype = compute_dtype(params)
+    states = jnp.moveaxis(encoder_states.astype(dtype), -1, 0)  # (d, G, L)
     layers = params["model"]["decoder"]["layers"]
 
     def project(name, layout):  # stored in the layout the attention dots read, so no step transposes them
-        return tuple(jnp.einsum(f"glhd->{layout}", _split_heads(_dense(encoder_states, p["FlaxBartAttention_1"][name]),
-                                                                heads)) for p in layers)
+        return tuple(jnp.einsum(f"hdgl->{layout}", _split_heads(_dense(states, p["FlaxBartAttention_1"][name]), heads))
+                     for p in layers)
 
     return CrossContext(keys=project("k_proj", "ghdl"), values=project("v_proj", "ghld"),
-                        bias=_mask_to_bias(attention_mask, encoder_states.dtype))
+                        bias=_mask_to_bias(attention_mask, dtype))
 
 
 def stack_contexts(first: CrossContext, second: CrossContext) -> CrossContext:
@@ -262,17 +297,17 @@ def repeat_context(context: CrossContext, times: int) -> CrossContext:
 
 
 def _cross_attend(q, keys, values, bias):
-    """Cross-attention for rows grouped by prompt: q (R, Q, H, D) holds the rows of G prompts in
+    """Cross-attention for rows grouped by prompt: q (H, D, R, Q) holds the rows of G prompts in
     prompt-major order (R = G * S); keys (G, H, D, L), values (G, H, L, D), bias (G, L). A prompt's keys
     and values serve all of its rows without being copied per row."""
     g = bias.shape[0]
-    grouped = q.reshape(g, q.shape[0] // g, *q.shape[1:])  # (G, S, Q, H, D)
-    weights = _attention_weights(jnp.einsum("gsqhd,ghdl->gshql", grouped, keys), q, bias[:, None, None, None, :])
-    return jnp.einsum("gshql,ghld->gsqhd", weights, values).reshape(q.shape)
+    grouped = _batch_major(q.reshape(*q.shape[:2], g, q.shape[2] // g, q.shape[3]), "hdgsq->ghsqd")
+    weights = _attention_weights(jnp.einsum("ghsqd,ghdl->ghsql", grouped, keys), q, bias[:, None, None, None, :])
+    return jnp.einsum("ghsql,ghld->ghsqd", weights, values).transpose(1, 4, 0, 2, 3).reshape(q.shape)
 
 
 def _decoder_layer(h, p: Params, heads: int, self_attend, context: CrossContext, layer: int):
-    """One normformer decoder layer on h (R, Q, d); ``self_attend(q, k, v)`` supplies causal attention
+    """One normformer decoder layer on h (d, R, Q); ``self_attend(q, k, v)`` supplies causal attention
     (full sequence or KV cache) and returns its output together with whatever state it updates."""
     a = layer_norm(h, p["LayerNorm_0"])
     attention = p["FlaxBartAttention_0"]
@@ -289,8 +324,11 @@ def _decoder_layer(h, p: Params, heads: int, self_attend, context: CrossContext,
 
 
 def _logits(params: Params, h):
+    """Token-major logits (..., vocab) of feature-major states (d, ...), as sampling wants them. Hence
+    ``h.T @ kernel``: with a transposed weight, XLA folds the transpose of the logits into the product and
+    runs it as a slow strided one (25x slower for two rows)."""
     h = layer_norm(h, params["model"]["decoder"]["final_ln"])
-    return _dense(h, params["lm_head"])
+    return jnp.moveaxis(h, 0, -1) @ params["lm_head"]["kernel"]
 
 
 def decode_logits(config: DalleBartConfig, params: Params, decoder_input_ids, encoder_states, attention_mask):
@@ -339,20 +377,22 @@ def decoder_step(config: DalleBartConfig, params: Params, tokens, position, cach
     decoder = params["model"]["decoder"]
     heads = config.decoder_attention_heads
     visible = _mask_to_bias(jnp.arange(config.image_length) <= position, dtype)
-    h = _embed(decoder, tokens[:, None], position[None], dtype)  # (R, 1, d)
+    h = _embed(decoder, tokens[:, None], position[None], dtype)  # (d, R, 1)
     keys, values = [], []
     for index, p in enumerate(decoder["layers"]):
 
         def cached(q, k, v, index=index):
             # The cache layouts are those the two attention dots read: no per-step transpose of the cache.
-            layer_keys = lax.dynamic_update_slice_in_dim(cache.keys[index], jnp.einsum("rqhd->rhdq", k),
+            layer_keys = lax.dynamic_update_slice_in_dim(cache.keys[index], jnp.einsum("hdrq->rhdq", k),
                                                          position, axis=3)
-            layer_values = lax.dynamic_update_slice_in_dim(cache.values[index], jnp.einsum("rqhd->rhqd", v),
+            layer_values = lax.dynamic_update_slice_in_dim(cache.values[index], jnp.einsum("hdrq->rhqd", v),
                                                            position, axis=2)
-            weights = _attention_weights(jnp.einsum("rqhd,rhdt->rhqt", q, layer_keys), q, visible)
-            return jnp.einsum("rhqt,rhtd->rqhd", weights, layer_values), (layer_keys, layer_values)
+            weights = _attention_weights(jnp.einsum("rhqd,rhdt->rhqt", _batch_major(q, "hdrq->rhqd"), layer_keys),
+                                         q, visible)
+            return (jnp.einsum("rhqt,rhtd->rhqd", weights, layer_values).transpose(1, 3, 0, 2),
+                    (layer_keys, layer_values))
 
         h, (layer_keys, layer_values) = _decoder_layer(h, p, heads, cached, context, index)
         keys.append(layer_keys)
         values.append(layer_values)
-    return _logits(params, h[:, 0]), KVCache(keys=tuple(keys), values=tuple(values))
+    return _logits(params, h[:, :, 0]), KVCache(keys=tuple(keys), values=tuple(values))

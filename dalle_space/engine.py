@@ -343,7 +343,7 @@ class Engine:
         return state.replace(
             position=put(PartitionSpec())(state.position), tokens=rows(state.tokens), keys=rows(state.keys),
             finished=rows(state.finished), sequences=rows(state.sequences),
-            caches=jax.tree_util.tree_map(put(PartitionSpec(None, "batch")), state.caches))
+            caches=jax.tree_util.tree_map(rows, state.caches))
 
     def _images(self, tokens) -> tuple[np.ndarray, float]:
         args = (self.vqgan_config, self.vqgan_params, tokens)
