@@ -89,30 +89,31 @@ def _param_layout(config: DalleBartConfig) -> dict[str, Any]:
     }
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _random_leaf(name: str, shape: tuple[int, ...], dtype, key):
-    if name == "scale":
-        return jnp.ones(shape, dtype)
-    if name == "bias":
-        return jnp.zeros(shape, dtype)
-    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _random_leaves(path: tuple[str, ...], shape: tuple[int, ...], dtype, runtime: bool, key) -> dict[tuple, Any]:
+    """One checkpoint leaf, drawn; with ``runtime`` already in its runtime form (by XLA, in one go)."""
+    if path[-1] == "scale":
+        leaf = jnp.ones(shape, dtype)
+    elif path[-1] == "bias":
+        leaf = jnp.zeros(shape, dtype)
+    else:
+        leaf = (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    return _runtime_leaves(path, leaf) if runtime else {path: leaf}
 
 
 def init_params(config: DalleBartConfig, seed: int, dtype: Any = jnp.float32, runtime: bool = False) -> Params:
     """Random weights in the checkpoint's tree, as upstream initialises them (normal(0.02), norms 1/0).
 
     Deterministic for a seed, so benchmarks of different implementations can share weights. Drawn leaf
-    by leaf; with ``runtime`` each leaf is turned into its runtime form as soon as it is drawn and the
-    runtime tree comes back, so memory peaks at the weights plus one stacked leaf, not twice the weights.
+    by leaf; with ``runtime`` each leaf is made in its runtime form and the runtime tree comes back, so
+    memory peaks at the weights plus one stacked leaf, not twice the weights.
     """
     paths, treedef = jax.tree_util.tree_flatten_with_path(
         _param_layout(config), is_leaf=lambda x: isinstance(x, tuple))
     keys = jax.random.split(jax.random.PRNGKey(seed), len(paths))
     leaves = {}
     for (path, shape), key in zip(paths, keys):
-        names = tuple(p.key for p in path)
-        leaf = _random_leaf(names[-1], shape, jnp.dtype(dtype), key)
-        leaves.update(_runtime_leaves(names, leaf) if runtime else {names: leaf})
+        leaves.update(_random_leaves(tuple(p.key for p in path), shape, jnp.dtype(dtype), runtime, key))
     return _unflatten_runtime(leaves) if runtime else jax.tree_util.tree_unflatten(treedef, list(leaves.values()))
 
 

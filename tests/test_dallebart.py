@@ -123,6 +123,22 @@ def test_mini_tree_has_the_leaves_upstream_printed():
     assert shapes["model/decoder/embed_positions/embedding"] == (256, 1024)
 
 
+def test_runtime_tree_splits_layers_and_transposes_layer_kernels():
+    config = DALLEBART_PRESETS["tiny"]
+    stacked = dallebart.init_params(config, 5)
+    runtime = dallebart.runtime_params(stacked)
+    drawn = dallebart.init_params(config, 5, runtime=True)  # the same weights, made per leaf
+    assert jax.tree_util.tree_structure(drawn) == jax.tree_util.tree_structure(runtime)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(drawn),
+                                                      jax.tree_util.tree_leaves(runtime)))
+    layers = stacked["model"]["decoder"]["layers"]["FlaxBartDecoderLayers"]
+    second = runtime["model"]["decoder"]["layers"][1]
+    assert len(runtime["model"]["decoder"]["layers"]) == config.decoder_layers
+    np.testing.assert_array_equal(second["GLU_0"]["Dense_0"]["weight"], layers["GLU_0"]["Dense_0"]["kernel"][1].T)
+    np.testing.assert_array_equal(second["LayerNorm_1"]["scale"], layers["LayerNorm_1"]["scale"][1])
+    np.testing.assert_array_equal(runtime["lm_head"]["kernel"], stacked["lm_head"]["kernel"])
+
+
 # ---------------------------------------------------------------------------------------------------
 # Loading: dtypes and broken checkpoints
 
