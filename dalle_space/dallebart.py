@@ -354,17 +354,22 @@ def decode_logits(config: DalleBartConfig, params: Params, decoder_input_ids, en
 @flax.struct.dataclass
 class KVCache:
     """Self-attention keys / values of the image positions decoded so far, one buffer per decoder layer
-    so that each step writes one position in place."""
+    so that each step writes one position in place.
 
-    keys: tuple[jax.Array, ...]  # per layer: (R, heads, head_dim, image_length)
-    values: tuple[jax.Array, ...]  # per layer: (R, heads, image_length, head_dim)
+    Rows and heads share one leading axis (row-major, so a row's heads are contiguous): with separate axes,
+    a single row's size-1 axis made XLA compute each cache update twice, once per shape, and copy every
+    cache buffer at every step.
+    """
+
+    keys: tuple[jax.Array, ...]  # per layer: (R * heads, head_dim, image_length)
+    values: tuple[jax.Array, ...]  # per layer: (R * heads, image_length, head_dim)
 
     @classmethod
     def zeros(cls, config: DalleBartConfig, rows: int, dtype) -> "KVCache":
         heads, depth, length = config.decoder_attention_heads, config.head_dim, config.image_length
         layers = range(config.decoder_layers)
-        return cls(keys=tuple(jnp.zeros((rows, heads, depth, length), dtype) for _ in layers),
-                   values=tuple(jnp.zeros((rows, heads, length, depth), dtype) for _ in layers))
+        return cls(keys=tuple(jnp.zeros((rows * heads, depth, length), dtype) for _ in layers),
+                   values=tuple(jnp.zeros((rows * heads, length, depth), dtype) for _ in layers))
 
 
 def decoder_step(config: DalleBartConfig, params: Params, tokens, position, cache: KVCache,
@@ -383,14 +388,17 @@ def decoder_step(config: DalleBartConfig, params: Params, tokens, position, cach
     for index, p in enumerate(decoder["layers"]):
 
         def cached(q, k, v, index=index):
-            # The cache layouts are those the two attention dots read: no per-step transpose of the cache.
-            layer_keys = lax.dynamic_update_slice_in_dim(cache.keys[index], jnp.einsum("hdrq->rhdq", k),
-                                                         position, axis=3)
-            layer_values = lax.dynamic_update_slice_in_dim(cache.values[index], jnp.einsum("hdrq->rhqd", v),
-                                                           position, axis=2)
-            weights = _attention_weights(jnp.einsum("rhqd,rhdt->rhqt", _batch_major(q, "hdrq->rhqd"), layer_keys),
-                                         q, visible)
-            return (jnp.einsum("rhqt,rhtd->rhqd", weights, layer_values).transpose(1, 3, 0, 2),
+            # Queries, new keys and new values as (R * H, ...), in the layouts of the cache and of the two
+            # attention dots: the cache is never transposed.
+            rows_heads = q.shape[2] * q.shape[0]
+            new_keys = jnp.einsum("hdrq->rhdq", k).reshape(rows_heads, -1, 1)
+            new_values = jnp.einsum("hdrq->rhqd", v).reshape(rows_heads, 1, -1)
+            layer_keys = lax.dynamic_update_slice_in_dim(cache.keys[index], new_keys, position, axis=2)
+            layer_values = lax.dynamic_update_slice_in_dim(cache.values[index], new_values, position, axis=1)
+            queries = _batch_major(q, "hdrq->rhqd").reshape(rows_heads, 1, -1)
+            weights = _attention_weights(jnp.einsum("bqd,bdt->bqt", queries, layer_keys), q, visible)
+            out = jnp.einsum("bqt,btd->bqd", weights, layer_values)  # (R * H, 1, D)
+            return (out.reshape(q.shape[2], q.shape[0], q.shape[1]).transpose(1, 2, 0)[..., None],
                     (layer_keys, layer_values))
 
         h, (layer_keys, layer_values) = _decoder_layer(h, p, heads, cached, context, index)

@@ -137,6 +137,7 @@ def test_seed_keys_equal_prng_keys():
 def test_caches_follow_the_mode(mode):
     from dalle_space.config import DALLEBART_PRESETS
 
-    caches = sampler.initial_caches(DALLEBART_PRESETS["tiny"], 3, mode, jnp.float32)
-    rows = [c.keys[0].shape[0] for c in caches]
+    config = DALLEBART_PRESETS["tiny"]
+    caches = sampler.initial_caches(config, 3, mode, jnp.float32)
+    rows = [c.keys[0].shape[0] // config.decoder_attention_heads for c in caches]
     assert rows == ([6] if mode == "parallel" else [3, 3])
