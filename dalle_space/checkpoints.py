@@ -8,6 +8,7 @@ computed, so a broken checkpoint fails with one message naming every bad path.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -136,7 +137,7 @@ def check_tree(params: dict[str, Any], expected: dict[str, Any], what: str) -> N
 
 
 def _to_device(params: dict[str, Any], dtype) -> dict[str, Any]:
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=dtype), params)
+    return jax.tree_util.tree_map(functools.partial(jnp.asarray, dtype=dtype), params)
 
 
 def load_dallebart(source: str | Path = "mini", revision: str | None = None,
@@ -148,7 +149,7 @@ def load_dallebart(source: str | Path = "mini", revision: str | None = None,
     config = DalleBartConfig.from_dict(read_config(folder))
     params = stack_layers(read_params(folder))
     check_tree(params, dallebart.param_shapes(config), "DalleBart")
-    return config, dallebart.runtime_params(params, lambda x: jnp.asarray(x, dtype=compute_dtype))
+    return config, dallebart.runtime_params(params, functools.partial(jnp.asarray, dtype=compute_dtype))
 
 
 def load_vqgan(source: str | Path = "f16_16384", revision: str | None = None,

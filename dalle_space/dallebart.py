@@ -89,16 +89,17 @@ def _param_layout(config: DalleBartConfig) -> dict[str, Any]:
     }
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _random_leaves(path: tuple[str, ...], shape: tuple[int, ...], dtype, runtime: bool, key) -> dict[tuple, Any]:
-    """One checkpoint leaf, drawn; with ``runtime`` already in its runtime form (by XLA, in one go)."""
-    if path[-1] == "scale":
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _random_arrays(name: str, shape: tuple[int, ...], dtype, stacked: bool, transposed: bool, key):
+    """One checkpoint leaf drawn as upstream initialises it, already in its runtime arrays (by XLA, in one
+    go). The static arguments are the leaf's kind, not its path, so leaves of one kind compile once."""
+    if name == "scale":
         leaf = jnp.ones(shape, dtype)
-    elif path[-1] == "bias":
+    elif name == "bias":
         leaf = jnp.zeros(shape, dtype)
     else:
         leaf = (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-    return _runtime_leaves(path, leaf) if runtime else {path: leaf}
+    return _runtime_arrays(leaf, stacked, transposed)
 
 
 def init_params(config: DalleBartConfig, seed: int, dtype: Any = jnp.float32, runtime: bool = False) -> Params:
@@ -111,10 +112,16 @@ def init_params(config: DalleBartConfig, seed: int, dtype: Any = jnp.float32, ru
     paths, treedef = jax.tree_util.tree_flatten_with_path(
         _param_layout(config), is_leaf=lambda x: isinstance(x, tuple))
     keys = jax.random.split(jax.random.PRNGKey(seed), len(paths))
+    if not runtime:
+        return jax.tree_util.tree_unflatten(treedef, [_random_arrays(path[-1].key, shape, jnp.dtype(dtype), False,
+                                                                     False, key)[0]
+                                                      for (path, shape), key in zip(paths, keys)])
     leaves = {}
     for (path, shape), key in zip(paths, keys):
-        leaves.update(_random_leaves(tuple(p.key for p in path), shape, jnp.dtype(dtype), runtime, key))
-    return _unflatten_runtime(leaves) if runtime else jax.tree_util.tree_unflatten(treedef, list(leaves.values()))
+        runtime_path, stacked_at, transposed = _runtime_place(tuple(p.key for p in path))
+        arrays = _random_arrays(path[-1].key, shape, jnp.dtype(dtype), stacked_at is not None, transposed, key)
+        leaves.update(_per_layer(runtime_path, stacked_at, arrays))
+    return _unflatten_runtime(leaves)
 
 
 def param_shapes(config: DalleBartConfig) -> Params:
@@ -122,24 +129,38 @@ def param_shapes(config: DalleBartConfig) -> Params:
     return jax.eval_shape(functools.partial(init_params, config), 0)
 
 
-def _runtime_leaves(path: tuple[str, ...], leaf, convert=lambda x: x) -> dict[tuple, Any]:
-    """One checkpoint leaf in the runtime tree: {runtime path: converted array}. A stacked leaf becomes
-    one leaf per layer, a layer's ``kernel`` becomes its transpose ``weight``."""
-    make = convert
-    if path[-1] == "kernel" and path[0] != "lm_head":
-        path, make = (*path[:-1], "weight"), lambda x: convert(x.T)
-    stacked = next((i for i, name in enumerate(path) if name in (_ENCODER, _DECODER)), None)
-    if stacked is None:
-        return {path: make(leaf)}
-    return {(*path[:stacked], i, *path[stacked + 1:]): make(leaf[i]) for i in range(leaf.shape[0])}
+def _runtime_place(path: tuple[str, ...]) -> tuple[tuple[str, ...], int | None, bool]:
+    """Where a checkpoint leaf goes in the runtime tree: its runtime path (a layer's ``kernel`` becomes
+    ``weight``), the index in it of the stacked-layers name (None when not stacked), and whether it is
+    stored transposed."""
+    transposed = path[-1] == "kernel" and path[0] != "lm_head"
+    if transposed:
+        path = (*path[:-1], "weight")
+    stacked_at = next((i for i, name in enumerate(path) if name in (_ENCODER, _DECODER)), None)
+    return path, stacked_at, transposed
+
+
+def _runtime_arrays(leaf, stacked: bool, transposed: bool) -> tuple:
+    """A checkpoint leaf as runtime arrays: one per layer when stacked, each transposed when asked."""
+    arrays = tuple(leaf[i] for i in range(leaf.shape[0])) if stacked else (leaf,)
+    return tuple(a.T for a in arrays) if transposed else arrays
+
+
+def _per_layer(path: tuple, stacked_at: int | None, arrays: tuple) -> dict[tuple, Any]:
+    """{runtime path: array}: the stacked-layers name is replaced by each array's layer index."""
+    if stacked_at is None:
+        return {path: arrays[0]}
+    return {(*path[:stacked_at], i, *path[stacked_at + 1:]): a for i, a in enumerate(arrays)}
 
 
 def runtime_params(params: Params, convert: Callable[[Any], Any] = lambda x: x) -> Params:
     """The tree the model functions take (see the module docstring), from a checkpoint tree with stacked
-    layers; ``convert`` places / casts each runtime leaf as it is made."""
+    layers; ``convert`` places / casts each runtime array as it is made."""
     leaves = {}
     for path, leaf in flatten_dict(params).items():
-        leaves.update(_runtime_leaves(path, leaf, convert))
+        runtime_path, stacked_at, transposed = _runtime_place(path)
+        arrays = tuple(convert(a) for a in _runtime_arrays(leaf, stacked_at is not None, transposed))
+        leaves.update(_per_layer(runtime_path, stacked_at, arrays))
     return _unflatten_runtime(leaves)
 
 
@@ -198,13 +219,6 @@ def _attend(q, k, v, bias):
     """Softmax attention: q (H, D, B, Q), k / v (H, D, B, K), additive bias broadcast to (B, H, Q, K)."""
     weights = _attention_weights(jnp.einsum("hdbq,hdbk->bhqk", q, k), q, bias)
     return jnp.einsum("bhqk,hdbk->hdbq", weights, v)
-
-
-def _batch_major(q, transpose: str):
-    """The queries transposed so that an attention product's batch axes lead, in the order of the cached
-    keys / values: an einsum takes its batch order from its first operand, and any other order makes
-    XLA transpose the (much larger) keys and values at every step."""
-    return jnp.einsum(transpose, q)
 
 
 def _mask_to_bias(mask, dtype):
@@ -302,9 +316,11 @@ def _cross_attend(q, keys, values, bias):
     prompt-major order (R = G * S); keys (G, H, D, L), values (G, H, L, D), bias (G, L). A prompt's keys
     and values serve all of its rows without being copied per row."""
     g = bias.shape[0]
-    grouped = _batch_major(q.reshape(*q.shape[:2], g, q.shape[2] // g, q.shape[3]), "hdgsq->ghsqd")
+    # The queries go first in the keys' (G, H) order: an einsum takes its batch order from its first
+    # operand, and any other order makes XLA transpose the (larger) keys and values at every step.
+    grouped = jnp.einsum("hdgsq->ghsqd", q.reshape(*q.shape[:2], g, q.shape[2] // g, q.shape[3]))
     weights = _attention_weights(jnp.einsum("ghsqd,ghdl->ghsql", grouped, keys), q, bias[:, None, None, None, :])
-    return jnp.einsum("ghsql,ghld->ghsqd", weights, values).transpose(1, 4, 0, 2, 3).reshape(q.shape)
+    return jnp.einsum("ghsql,ghld->hdgsq", weights, values).reshape(q.shape)
 
 
 def _decoder_layer(h, p: Params, heads: int, self_attend, context: CrossContext, layer: int):
@@ -390,16 +406,15 @@ def decoder_step(config: DalleBartConfig, params: Params, tokens, position, cach
         def cached(q, k, v, index=index):
             # Queries, new keys and new values as (R * H, ...), in the layouts of the cache and of the two
             # attention dots: the cache is never transposed.
-            rows_heads = q.shape[2] * q.shape[0]
-            new_keys = jnp.einsum("hdrq->rhdq", k).reshape(rows_heads, -1, 1)
-            new_values = jnp.einsum("hdrq->rhqd", v).reshape(rows_heads, 1, -1)
+            n_heads, depth, rows, _ = q.shape
+            new_keys = jnp.einsum("hdrq->rhdq", k).reshape(rows * n_heads, depth, 1)
+            new_values = jnp.einsum("hdrq->rhqd", v).reshape(rows * n_heads, 1, depth)
+            queries = jnp.einsum("hdrq->rhqd", q).reshape(rows * n_heads, 1, depth)
             layer_keys = lax.dynamic_update_slice_in_dim(cache.keys[index], new_keys, position, axis=2)
             layer_values = lax.dynamic_update_slice_in_dim(cache.values[index], new_values, position, axis=1)
-            queries = _batch_major(q, "hdrq->rhqd").reshape(rows_heads, 1, -1)
             weights = _attention_weights(jnp.einsum("bqd,bdt->bqt", queries, layer_keys), q, visible)
-            out = jnp.einsum("bqt,btd->bqd", weights, layer_values)  # (R * H, 1, D)
-            return (out.reshape(q.shape[2], q.shape[0], q.shape[1]).transpose(1, 2, 0)[..., None],
-                    (layer_keys, layer_values))
+            out = jnp.einsum("bqt,btd->bqd", weights, layer_values).reshape(rows, n_heads, 1, depth)
+            return jnp.einsum("rhqd->hdrq", out), (layer_keys, layer_values)
 
         h, (layer_keys, layer_values) = _decoder_layer(h, p, heads, cached, context, index)
         keys.append(layer_keys)

@@ -195,17 +195,19 @@ def prepare(config: DalleBartConfig, params, input_ids, attention_mask, uncond_i
 
     input_ids / attention_mask (P, L); uncond_ids / uncond_mask (1, L), the empty prompt, encoded once
     for the whole batch; keys (N, 2), prompt-major, N a multiple of P. Cross-attention keys / values are
-    computed once per prompt and shared by its images; the empty prompt's are repeated once per prompt so
-    both halves of the rows have P groups. ``parallel`` gets one context of 2P prompts ([cond; uncond], as
-    the rows), ``serial`` one context per call.
+    computed once per prompt and shared by its images. ``serial`` gets one context per call (the empty
+    prompt's serves all N unconditional rows); ``parallel`` one context of 2P prompts, [cond; uncond] as the
+    rows, with the empty prompt's repeated once per prompt so that every prompt has N / P rows.
     """
     n_images = keys.shape[0]
     cond = dallebart.cross_context(
         config, params, dallebart.encode(config, params, input_ids, attention_mask), attention_mask)
-    uncond = dallebart.repeat_context(dallebart.cross_context(
-        config, params, dallebart.encode(config, params, uncond_ids, uncond_mask), uncond_mask),
-        input_ids.shape[0])
-    contexts = (dallebart.stack_contexts(cond, uncond),) if mode == "parallel" else (cond, uncond)
+    uncond = dallebart.cross_context(
+        config, params, dallebart.encode(config, params, uncond_ids, uncond_mask), uncond_mask)
+    if mode == "parallel":
+        contexts = (dallebart.stack_contexts(cond, dallebart.repeat_context(uncond, input_ids.shape[0])),)
+    else:
+        contexts = (cond, uncond)
     dtype = dallebart.compute_dtype(params)
     state = SamplingState(
         position=jnp.zeros((), jnp.int32),
