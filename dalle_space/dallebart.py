@@ -272,10 +272,14 @@ def encode(config: DalleBartConfig, params: Params, input_ids, attention_mask):
 
 @flax.struct.dataclass
 class CrossContext:
-    """Cross-attention keys / values of G prompts, computed once and shared by every row of a prompt."""
+    """Cross-attention keys / values of G prompts, computed once and shared by every row of a prompt.
 
-    keys: tuple[jax.Array, ...]  # per decoder layer: (G, heads, head_dim, L)
-    values: tuple[jax.Array, ...]  # per decoder layer: (G, heads, L, head_dim)
+    Heads lead, then prompts: the layout in which the attention dots read them and write their output, so
+    that no step transposes them (with prompts first, XLA copied one of them at every step and layer).
+    """
+
+    keys: tuple[jax.Array, ...]  # per decoder layer: (heads, G, head_dim, L)
+    values: tuple[jax.Array, ...]  # per decoder layer: (heads, G, head_dim, L)
     bias: jax.Array  # (G, L) additive mask: 0 for text tokens, -inf for padding
 
     @property
@@ -293,34 +297,40 @@ def cross_context(config: DalleBartConfig, params: Params, encoder_states, atten
     states = jnp.moveaxis(encoder_states.astype(dtype), -1, 0)  # (d, G, L)
     layers = params["model"]["decoder"]["layers"]
 
-    def project(name, layout):  # stored in the layout the attention dots read, so no step transposes them
-        return tuple(jnp.einsum(f"hdgl->{layout}", _split_heads(_dense(states, p["FlaxBartAttention_1"][name]), heads))
+    def project(name):
+        return tuple(jnp.einsum("hdgl->hgdl", _split_heads(_dense(states, p["FlaxBartAttention_1"][name]), heads))
                      for p in layers)
 
-    return CrossContext(keys=project("k_proj", "ghdl"), values=project("v_proj", "ghld"),
-                        bias=_mask_to_bias(attention_mask, dtype))
+    return CrossContext(keys=project("k_proj"), values=project("v_proj"), bias=_mask_to_bias(attention_mask, dtype))
+
+
+def _map_prompts(fn: Callable[..., jax.Array], *contexts: CrossContext) -> CrossContext:
+    """A context of other prompts: ``fn(*arrays, axis=prompt_axis)`` on the contexts' matching arrays."""
+    def per_layer(arrays_of_contexts):
+        return tuple(fn(*layer, axis=1) for layer in zip(*arrays_of_contexts))
+
+    return CrossContext(keys=per_layer(c.keys for c in contexts), values=per_layer(c.values for c in contexts),
+                        bias=fn(*(c.bias for c in contexts), axis=0))
 
 
 def stack_contexts(first: CrossContext, second: CrossContext) -> CrossContext:
     """One context whose prompts are those of ``first`` then those of ``second``."""
-    return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b], axis=0), first, second)
+    return _map_prompts(lambda a, b, axis: jnp.concatenate([a, b], axis=axis), first, second)
 
 
 def repeat_context(context: CrossContext, times: int) -> CrossContext:
     """The context's prompts repeated: a prompt shared by ``times`` groups of rows (the empty prompt)."""
-    return jax.tree_util.tree_map(lambda a: jnp.repeat(a, times, axis=0), context)
+    return _map_prompts(lambda a, axis: jnp.repeat(a, times, axis=axis), context)
 
 
 def _cross_attend(q, keys, values, bias):
     """Cross-attention for rows grouped by prompt: q (H, D, R, Q) holds the rows of G prompts in
-    prompt-major order (R = G * S); keys (G, H, D, L), values (G, H, L, D), bias (G, L). A prompt's keys
+    prompt-major order (R = G * S); keys and values (H, G, D, L), bias (G, L). A prompt's keys
     and values serve all of its rows without being copied per row."""
     g = bias.shape[0]
-    # The queries go first in the keys' (G, H) order: an einsum takes its batch order from its first
-    # operand, and any other order makes XLA transpose the (larger) keys and values at every step.
-    grouped = jnp.einsum("hdgsq->ghsqd", q.reshape(*q.shape[:2], g, q.shape[2] // g, q.shape[3]))
-    weights = _attention_weights(jnp.einsum("ghsqd,ghdl->ghsql", grouped, keys), q, bias[:, None, None, None, :])
-    return jnp.einsum("ghsql,ghld->hdgsq", weights, values).reshape(q.shape)
+    grouped = q.reshape(*q.shape[:2], g, q.shape[2] // g, q.shape[3])  # (H, D, G, S, Q)
+    weights = _attention_weights(jnp.einsum("hdgsq,hgdl->hgsql", grouped, keys), q, bias[None, :, None, None, :])
+    return jnp.einsum("hgsql,hgdl->hdgsq", weights, values).reshape(q.shape)
 
 
 def _decoder_layer(h, p: Params, heads: int, self_attend, context: CrossContext, layer: int):
