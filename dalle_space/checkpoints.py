@@ -17,7 +17,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.serialization import msgpack_restore
+import msgpack
+from flax import serialization
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from . import bundled, dallebart, vqgan
@@ -88,11 +89,23 @@ def dtype_of(name: str):
     return DTYPES[name]
 
 
-def read_params(folder: Path) -> dict[str, Any]:
+def read_params(folder: Path) -> dict[tuple[str, ...], np.ndarray]:
+    """The checkpoint's arrays by path, decoded from the file as a stream: reading the whole file first
+    held it in memory next to its arrays, twice the checkpoint's size."""
     path = folder / "flax_model.msgpack"
     if not path.is_file():
         raise CheckpointError(f"{folder} has no flax_model.msgpack")
-    return msgpack_restore(path.read_bytes())
+    with path.open("rb") as stream:
+        # flax's own decoder of its array extension: the format stays flax's (flax is pinned)
+        unpacker = msgpack.Unpacker(stream, ext_hook=serialization._msgpack_ext_unpack, raw=False,
+                                    strict_map_key=False, max_buffer_size=max(path.stat().st_size, 1))
+        try:
+            tree = unpacker.unpack()
+        except (msgpack.UnpackException, ValueError) as error:
+            raise CheckpointError(f"{path} is not a flax msgpack checkpoint ({type(error).__name__})") from None
+    if not isinstance(tree, dict):
+        raise CheckpointError(f"{path} is not a flax msgpack checkpoint (no parameter tree)")
+    return flatten_dict(serialization._unchunk_array_leaves_in_place(tree))
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -102,13 +115,14 @@ def read_config(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def stack_layers(params: dict[str, Any]) -> dict[str, Any]:
+def stack_layers(flat: dict[tuple[str, ...], np.ndarray]) -> dict[tuple[str, ...], np.ndarray]:
     """Turn upstream's unscanned layout (``FlaxBartEncoderLayer_0`` …) into the stacked one; a stacked
-    tree passes through unchanged."""
-    flat = flatten_dict(params)
+    checkpoint passes through unchanged. Empties ``flat``, and each parameter's per-layer arrays are
+    dropped once stacked, so only one parameter exists twice at a time."""
     per_layer: dict[tuple, dict[int, np.ndarray]] = {}
     stacked = {}
-    for path, value in flat.items():
+    while flat:
+        path, value = flat.popitem()
         match = next((i for i, part in enumerate(path)
                       if re.fullmatch(r"FlaxBart(Encoder|Decoder)Layer_\d+", part)), None)
         if match is None:
@@ -117,16 +131,18 @@ def stack_layers(params: dict[str, Any]) -> dict[str, Any]:
         name, index = path[match].rsplit("_", 1)
         key = path[:match] + (name + "s",) + path[match + 1:]
         per_layer.setdefault(key, {})[int(index)] = value
-    for key, layers in per_layer.items():
+    while per_layer:
+        key, layers = per_layer.popitem()
         if sorted(layers) != list(range(len(layers))):
             raise CheckpointError(f"layers of {'/'.join(key)} are not numbered 0..n-1: {sorted(layers)}")
         stacked[key] = np.stack([np.asarray(layers[i]) for i in range(len(layers))])
-    return unflatten_dict(stacked)
+        del layers
+    return stacked
 
 
-def check_tree(params: dict[str, Any], expected: dict[str, Any], what: str) -> None:
+def check_tree(flat: dict[tuple[str, ...], Any], expected: dict[str, Any], what: str) -> None:
     """Raise one CheckpointError naming every missing, unexpected and misshaped parameter path."""
-    have = {"/".join(k): np.shape(v) for k, v in flatten_dict(params).items()}
+    have = {"/".join(k): np.shape(v) for k, v in flat.items()}
     want = {"/".join(k): tuple(v.shape) for k, v in flatten_dict(expected).items()}
     problems = [f"missing {p} {want[p]}" for p in sorted(want.keys() - have.keys())]
     problems += [f"unexpected {p} {have[p]}" for p in sorted(have.keys() - want.keys())]
@@ -147,9 +163,9 @@ def load_dallebart(source: str | Path = "mini", revision: str | None = None,
     compute_dtype = dtype_of(dtype)
     folder, _ = locate_dallebart(source, revision)
     config = DalleBartConfig.from_dict(read_config(folder))
-    params = stack_layers(read_params(folder))
-    check_tree(params, dallebart.param_shapes(config), "DalleBart")
-    return config, dallebart.runtime_params(params, functools.partial(jnp.asarray, dtype=compute_dtype))
+    flat = stack_layers(read_params(folder))
+    check_tree(flat, dallebart.param_shapes(config), "DalleBart")
+    return config, dallebart.runtime_params(flat, functools.partial(jnp.asarray, dtype=compute_dtype))
 
 
 def load_vqgan(source: str | Path = "f16_16384", revision: str | None = None,
@@ -158,7 +174,7 @@ def load_vqgan(source: str | Path = "f16_16384", revision: str | None = None,
     compute_dtype = dtype_of(dtype)
     folder, _ = locate_vqgan(source, revision)
     config = VQGANConfig.from_dict(read_config(folder))
-    params = read_params(folder)
-    check_tree(params, vqgan.param_shapes(config, include_encoder="encoder" in params), "VQGAN")
-    decode_path = {k: params[k] for k in ("quantize", "post_quant_conv", "decoder")}
-    return config, _to_device(decode_path, compute_dtype)
+    flat = read_params(folder)
+    check_tree(flat, vqgan.param_shapes(config, include_encoder=any(path[0] == "encoder" for path in flat)), "VQGAN")
+    decode_path = {path: leaf for path, leaf in flat.items() if path[0] in ("quantize", "post_quant_conv", "decoder")}
+    return config, _to_device(unflatten_dict(decode_path), compute_dtype)

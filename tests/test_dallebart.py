@@ -126,7 +126,7 @@ def test_mini_tree_has_the_leaves_upstream_printed():
 def test_runtime_tree_splits_layers_and_transposes_layer_kernels():
     config = DALLEBART_PRESETS["tiny"]
     stacked = dallebart.init_params(config, 5)
-    runtime = dallebart.runtime_params(stacked)
+    runtime = dallebart.runtime_params(flatten_dict(stacked))
     drawn = dallebart.init_params(config, 5, runtime=True)  # the same weights, made per leaf
     assert jax.tree_util.tree_structure(drawn) == jax.tree_util.tree_structure(runtime)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(drawn),
@@ -213,6 +213,27 @@ def test_unscanned_layer_numbering_gap_is_refused(tmp_path):
 def test_unsupported_config_option_is_named(tmp_path, option, value):
     folder = _copy_with(tmp_path, edit_config=lambda c: c.update({option: value}))
     with pytest.raises(UnsupportedConfigError, match=f"{option}={value!r}"):
+        checkpoints.load_dallebart(folder)
+
+
+@pytest.mark.parametrize("folder", [SCANNED, UNSCANNED], ids=["scanned", "unscanned"])
+def test_streamed_read_equals_flax_restore(folder):
+    streamed = checkpoints.read_params(folder)
+    restored = flatten_dict(msgpack_restore((folder / "flax_model.msgpack").read_bytes()))
+    assert streamed.keys() == restored.keys()
+    for path, array in restored.items():
+        assert streamed[path].dtype == array.dtype, path
+        np.testing.assert_array_equal(streamed[path], array)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not msgpack", "not a tree"])
+def test_corrupt_checkpoint_file_is_named(tmp_path, damage):
+    folder = _copy_with(tmp_path)
+    path = folder / "flax_model.msgpack"
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "not msgpack": b"\xc1" + data,
+                      "not a tree": msgpack_serialize([1, 2])}[damage])
+    with pytest.raises(checkpoints.CheckpointError, match=f"{path} is not a flax msgpack checkpoint"):
         checkpoints.load_dallebart(folder)
 
 
