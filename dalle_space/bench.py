@@ -47,6 +47,7 @@ def build_engine(args, max_images: int):
         engine = Engine.from_pretrained(model=args.model, vqgan=None, dtype=args.dtype, max_images=max_images)
     else:
         engine = Engine.from_random(args.preset, dtype=args.dtype, seed=args.seed, max_images=max_images)
+    jax.block_until_ready(engine.params)  # drawn asynchronously: "loaded" RSS must wait for the weights
     return engine
 
 
