@@ -25,7 +25,7 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
-from flax.traverse_util import flatten_dict, unflatten_dict
+from flax.traverse_util import unflatten_dict
 from jax import lax
 
 from .config import DalleBartConfig
@@ -118,9 +118,8 @@ def init_params(config: DalleBartConfig, seed: int, dtype: Any = jnp.float32, ru
                                                       for (path, shape), key in zip(paths, keys)])
     leaves = {}
     for (path, shape), key in zip(paths, keys):
-        runtime_path, stacked_at, transposed = _runtime_place(tuple(p.key for p in path))
-        arrays = _random_arrays(path[-1].key, shape, jnp.dtype(dtype), stacked_at is not None, transposed, key)
-        leaves.update(_per_layer(runtime_path, stacked_at, arrays))
+        _place_runtime(leaves, tuple(p.key for p in path), lambda stacked, transposed: _random_arrays(
+            path[-1].key, shape, jnp.dtype(dtype), stacked, transposed, key))
     return _unflatten_runtime(leaves)
 
 
@@ -129,28 +128,26 @@ def param_shapes(config: DalleBartConfig) -> Params:
     return jax.eval_shape(functools.partial(init_params, config), 0)
 
 
-def _runtime_place(path: tuple[str, ...]) -> tuple[tuple[str, ...], int | None, bool]:
-    """Where a checkpoint leaf goes in the runtime tree: its runtime path (a layer's ``kernel`` becomes
-    ``weight``), the index in it of the stacked-layers name (None when not stacked), and whether it is
-    stored transposed."""
+def _place_runtime(leaves: dict[tuple, Any], path: tuple[str, ...],
+                   make_arrays: Callable[[bool, bool], tuple]) -> None:
+    """Put one checkpoint leaf into the flat runtime tree ``leaves``. ``make_arrays(stacked, transposed)``
+    gives its runtime arrays, one per layer when stacked; a layer's ``kernel`` is stored transposed as
+    ``weight``, and the stacked-layers name in its path becomes each array's layer index."""
     transposed = path[-1] == "kernel" and path[0] != "lm_head"
     if transposed:
         path = (*path[:-1], "weight")
     stacked_at = next((i for i, name in enumerate(path) if name in (_ENCODER, _DECODER)), None)
-    return path, stacked_at, transposed
+    arrays = make_arrays(stacked_at is not None, transposed)
+    if stacked_at is None:
+        leaves[path] = arrays[0]
+    else:
+        leaves.update({(*path[:stacked_at], i, *path[stacked_at + 1:]): a for i, a in enumerate(arrays)})
 
 
 def _runtime_arrays(leaf, stacked: bool, transposed: bool) -> tuple:
     """A checkpoint leaf as runtime arrays: one per layer when stacked, each transposed when asked."""
     arrays = tuple(leaf[i] for i in range(leaf.shape[0])) if stacked else (leaf,)
     return tuple(a.T for a in arrays) if transposed else arrays
-
-
-def _per_layer(path: tuple, stacked_at: int | None, arrays: tuple) -> dict[tuple, Any]:
-    """{runtime path: array}: the stacked-layers name is replaced by each array's layer index."""
-    if stacked_at is None:
-        return {path: arrays[0]}
-    return {(*path[:stacked_at], i, *path[stacked_at + 1:]): a for i, a in enumerate(arrays)}
 
 
 def runtime_params(flat: dict[tuple[str, ...], Any], convert: Callable[[Any], Any] = lambda x: x) -> Params:
@@ -161,9 +158,8 @@ def runtime_params(flat: dict[tuple[str, ...], Any], convert: Callable[[Any], An
     leaves = {}
     while flat:
         path, leaf = flat.popitem()
-        runtime_path, stacked_at, transposed = _runtime_place(path)
-        arrays = tuple(convert(a) for a in _runtime_arrays(leaf, stacked_at is not None, transposed))
-        leaves.update(_per_layer(runtime_path, stacked_at, arrays))
+        _place_runtime(leaves, path, lambda stacked, transposed: tuple(
+            convert(a) for a in _runtime_arrays(leaf, stacked, transposed)))
         del leaf  # before the next one is read
     return _unflatten_runtime(leaves)
 
