@@ -10,17 +10,23 @@ import math
 import os
 import queue
 import random
+import re
 import threading
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import gradio as gr
 import numpy as np
+import pandas as pd
 
+from dalle_space import experiment
 from dalle_space.engine import MAX_SEED, Result, load_engine
 
 MAX_PROMPTS = 4
-MAX_WAITING = 16  # requests the queue holds beyond the running one; gradio refuses the rest itself
+# Requests the queue holds beyond the running one; gradio refuses the rest itself ("Queue is full").
+MAX_WAITING = int(os.environ.get("DALLE_QUEUE_SIZE") or 16)
+MAX_PROMPT_CHARS = 1000  # the model reads only 64 tokens; anything longer is a paste gone wrong
 SCALE_RANGE = (1.0, 20.0)
 TOP_K_RANGE = (1, 16384)  # up to the VQGAN codebook size: "keep every code"
 TOP_P_RANGE = (0.01, 1.0)
@@ -29,6 +35,12 @@ TEMPERATURE_RANGE = (0.1, 2.0)
 # Radio choices as (label, value); the value is what API clients send.
 SAMPLERS = [("Parallel", "parallel"), ("Serial", "serial"), ("Compare both", "compare")]
 MODES = {"parallel": ("parallel",), "serial": ("serial",), "compare": ("serial", "parallel")}
+
+SCALE_ONE_NOTICE = (
+    "Condition scale 1 turns guidance off: only the prompt-conditioned rows are sampled, one decoder call "
+    "per step and no unconditional pass, so serial and parallel are the same sampler here and there is "
+    "nothing to compare. Pick another scale to compare them."
+)
 
 TIMING_ROWS = [
     ("tokenize", "tokenize_s"),
@@ -39,6 +51,37 @@ TIMING_ROWS = [
     ("total", "total_s"),
     ("s / image", "per_image_s"),
 ]
+
+BENCH_REPEATS_RANGE = (1, 5)
+FIT_LIMIT_RANGE = (0, 256)  # each probe compiles a shape: bounded so one request stays short
+
+BENCHMARK_INTRO = (
+    "Run the experiment behind this Space on this machine and the loaded model: for one prompt and each "
+    "image count, time the serial and the parallel sampler (image tokens only, no VQGAN; compilation is "
+    "timed apart), measure the memory each call adds, and compare each row with the machine's own limit: "
+    "reading every decoder weight once per image position at the memory bandwidth measured here. "
+    "It runs in the same one-at-a-time queue as generation."
+)
+WHY_THE_GAP = """\
+Guidance needs a conditioned and an unconditioned decoder pass per image token. *Parallel* stacks both
+into one call on 2N rows; *serial* makes two calls on N rows, as upstream dalle-mini does.
+
+- **At one image a step is bound by reading the weights** (~0.8 GB for mini), not by arithmetic: a call on
+  2 rows costs little more than a call on 1. Parallel reads the weights once per step, serial twice.
+- **On a CPU the gap is smaller than two reads suggest.** The two serial calls are independent inside the
+  compiled step: XLA keeps their matrix products apart (the table's product counts: serial has about twice
+  as many) but runs the two calls at the same time, one per core, and the second read of each layer's
+  weights comes from the shared cache. Parallel's one call is faster still, by less than 2x.
+- **On a GPU** the compiler may merge serial's products that share a weight; count the products in the
+  table before explaining a GPU figure. At large batches the step turns compute-bound and both modes do
+  the same arithmetic, so the gap narrows.
+- **Condition scale 1** needs no unconditional pass at all: one call on N rows (the *conditional* sampler).
+
+Figures measured on this project's machines are in `docs/benchmarks.md`.
+"""
+
+# The stages that add up to a request's time, compilation shown apart from the stage it delayed.
+STAGE_BARS = [("tokenize", "tokenize_s"), ("encode", "encode_s"), ("sample", "sample_s"), ("VQGAN", "vqgan_s")]
 
 EXAMPLES = [
     ["a red bicycle leaning against a brick wall", 10, 2, "compare"],
@@ -53,6 +96,7 @@ engine = load_engine(os.environ.get("DALLE_MODEL", "mini"), os.environ.get("DALL
 engine.warmup()
 _engine_lock = threading.Lock()  # a cancelled request's worker may still be sampling
 SEED_RANGE = (0, MAX_SEED - engine.max_images)  # leaves room for seed + j on every image
+BENCH_IMAGE_CHOICES = [n for n in (1, 2, 4, 8, 16) if n <= engine.max_images]
 
 
 @dataclass(frozen=True)
@@ -76,6 +120,7 @@ class Outcome:
     gallery: list[tuple[np.ndarray, str]]
     markdown: str
     summary: dict[str, Any]
+    stages: pd.DataFrame  # seconds per stage and sampler, for the bar chart beside the table
 
 
 def _user_error(message: str) -> gr.Error:
@@ -83,34 +128,73 @@ def _user_error(message: str) -> gr.Error:
     return gr.Error(message, print_exception=False)
 
 
+def _shown(value: Any) -> str:
+    """A rejected value as a message quotes it: a number or a short plain word as it came, anything else
+    described, never echoed, since the page renders error toasts as HTML and a value can be huge."""
+    if value is None or isinstance(value, bool):
+        return repr(value)
+    if isinstance(value, (int, float)):
+        try:
+            return _plain(value)
+        except OverflowError:  # an integer too large for a float
+            return "a number too large to use"
+    if isinstance(value, str) and re.fullmatch(r"[\w .+-]{1,24}", value, re.ASCII):
+        return repr(value)
+    if isinstance(value, str):
+        return f"a text of {len(value):,} characters"
+    return f"a {type(value).__name__}"
+
+
+def _plain(number: float) -> str:
+    """2147483631 rather than :g's 2.14748e+09; fractions and huge values as :g."""
+    number = float(number)
+    return str(int(number)) if number.is_integer() and abs(number) < 1e15 else f"{number:g}"
+
+
 def _number(value: Any, name: str, bounds: tuple[float, float], whole: bool = False) -> float:
     """Check one numeric input. Handlers run with preprocess=False, so API clients' raw values
-    (strings, None, NaN) arrive here and get a message naming the field, not gradio's generic one."""
+    (strings, None, NaN, booleans) arrive here and get a sentence naming the field and its range,
+    not gradio's generic error. Numeric strings ("7") are read as numbers, as the page's fields do."""
     low, high = bounds
+    allowed = f"between {_plain(low)} and {_plain(high)}"
+    kind = "a whole number" if whole else "a number"
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise _user_error(f"{name} must be a number, not {value!r}.") from None
+        number = None if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError, OverflowError):
+        number = None
+    if number is None:
+        raise _user_error(f"{name} must be {kind} {allowed}, not {_shown(value)}.")
     if not math.isfinite(number):
-        raise _user_error(f"{name} must be a finite number, not {value}.")
+        raise _user_error(f"{name} must be a finite number {allowed}, not {number}.")
     if whole and not number.is_integer():
-        raise _user_error(f"{name} must be a whole number, not {value}.")
+        raise _user_error(f"{name} must be a whole number {allowed}, not {_plain(number)}.")
     if not low <= number <= high:
-        raise _user_error(f"{name} must be between {low:g} and {high:g}, not {number:g}.")
+        raise _user_error(f"{name} must be {allowed}, not {_plain(number)}.")
     return number
 
 
 def _prompts(text: Any) -> list[str]:
-    """One prompt per non-blank line."""
+    """One prompt per line that shows something: whitespace and invisible format characters (zero-width
+    spaces, direction marks) alone make no prompt. Control characters are refused, not dropped, so what
+    is sampled is what the person sees."""
     if not isinstance(text, str):
         raise _user_error("The prompt must be text.")
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    prompts = [line.strip() for line in text.splitlines()
+               if any(not c.isspace() and unicodedata.category(c) != "Cf" for c in line)]
     if not prompts:
         raise _user_error("Please enter a prompt: a few words describing the picture you want.")
     if len(prompts) > MAX_PROMPTS:
         raise _user_error(
             f"You entered {len(prompts)} prompts; one request takes at most {MAX_PROMPTS} (one per line)."
         )
+    for i, prompt in enumerate(prompts, 1):
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise _user_error(f"Prompt {i} has {len(prompt):,} characters; a prompt takes at most "
+                              f"{MAX_PROMPT_CHARS:,}.")
+        control = next((c for c in prompt if unicodedata.category(c) == "Cc" and c != "\t"), None)
+        if control is not None:
+            raise _user_error(f"Prompt {i} contains the control character U+{ord(control):04X}; "
+                              "a prompt takes printable text only.")
     return prompts
 
 
@@ -124,8 +208,10 @@ def parse_request(prompt, condition_scale, n_seeds, sampler, seed, randomize_see
             f"That asks for {len(prompts) * n_seeds} images ({len(prompts)} prompts × {n_seeds} each), "
             f"but one request makes at most {engine.max_images}; use fewer prompts or fewer images per prompt."
         )
-    if sampler not in MODES:
-        raise _user_error(f"Sampler must be one of {', '.join(map(repr, MODES))}, not {sampler!r}.")
+    if not isinstance(sampler, str) or sampler not in MODES:
+        raise _user_error(f"Sampler must be one of {', '.join(map(repr, MODES))}, not {_shown(sampler)}.")
+    if not isinstance(randomize_seed, bool):
+        raise _user_error(f"Randomise seed must be true or false, not {_shown(randomize_seed)}.")
     if randomize_seed:
         seed = random.randint(*SEED_RANGE)
     else:
@@ -143,26 +229,52 @@ def parse_request(prompt, condition_scale, n_seeds, sampler, seed, randomize_see
     )
 
 
-def _in_worker(call: Callable[[Callable], Result]) -> Iterator[tuple[int, int, np.ndarray | None] | Result]:
-    """Run a blocking engine call in a thread and yield its progress updates, then its result, so a
-    generator handler can show previews while the engine samples."""
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a worker: the engine call's return value."""
+
+    value: Any
+
+
+class Abandoned(Exception):
+    """The request was cancelled or its client left: its worker stops at the next progress report."""
+
+
+def _in_worker(call: Callable[[Callable], Any]) -> Iterator[tuple | Finished]:
+    """Run a blocking engine call in a thread and yield its progress updates, then ``Finished(result)``,
+    so a generator handler can report progress (and show previews) while the engine works.
+
+    Gradio closes the generator of a request that is cancelled or whose client disconnects; the worker then
+    raises at its next progress report (one sampling chunk or benchmark row), releasing the engine for the
+    next request instead of finishing work nobody will see."""
     events: queue.Queue = queue.Queue()
+    abandoned = threading.Event()
+
+    def report(*update) -> None:
+        if abandoned.is_set():
+            raise Abandoned
+        events.put(update)
 
     def work() -> None:
         try:
             with _engine_lock:
-                events.put(call(lambda *update: events.put(update)))
+                events.put(Finished(call(report)))
+        except Abandoned:
+            pass
         except Exception as exc:  # handed to the request's own thread, which raises it
             events.put(exc)
 
     threading.Thread(target=work, daemon=True).start()
-    while True:
-        event = events.get()
-        if isinstance(event, Exception):
-            raise event
-        yield event
-        if isinstance(event, Result):
-            return
+    try:
+        while True:
+            event = events.get()
+            if isinstance(event, Exception):
+                raise event
+            yield event
+            if isinstance(event, Finished):
+                return
+    finally:
+        abandoned.set()
 
 
 def _captions(prompts, seeds) -> list[str]:
@@ -213,6 +325,14 @@ def _timings_markdown(results: list[Result], summary: dict[str, Any]) -> str:
     return "\n\n".join(["\n".join(table), *notes])
 
 
+def _stage_frame(results: list[Result]) -> pd.DataFrame:
+    """One bar per sampler, stacked by stage: where each request's time went (compilation apart)."""
+    return pd.DataFrame([
+        {"sampler": r.mode, "stage": label, "seconds": getattr(r.timings, field)}
+        for r in results for label, field in STAGE_BARS
+    ])
+
+
 def _outcome(request: Request, results: list[Result]) -> Outcome:
     """Gallery, table and JSON for finished results; in compare mode the (identical) images are shown once."""
     final = results[-1]
@@ -222,19 +342,23 @@ def _outcome(request: Request, results: list[Result]) -> Outcome:
         "timings": {r.mode: r.timings.as_dict() for r in results},
         "notices": list(dict.fromkeys(n for r in results for n in r.notices)),
     }
+    if final.mode == "conditional":
+        summary["notices"].append(SCALE_ONE_NOTICE)
     if len(results) > 1:
         summary["parallel_speedup"] = round(_speedup(results), 3)
         summary["identical_images"] = bool(np.array_equal(results[0].tokens, results[1].tokens))
     gallery = list(zip(final.images, _captions(final.prompts, final.seeds)))
-    return Outcome(gallery, _timings_markdown(results, summary), summary)
+    return Outcome(gallery, _timings_markdown(results, summary), summary, _stage_frame(results))
 
 
-def run_request(request: Request, progress: gr.Progress, previews: bool) -> Iterator[list | Outcome]:
-    """Sample with each of the request's modes in turn; yields preview galleries (when asked for)
-    while sampling, and lastly the Outcome. Shared by the page and both API endpoints."""
+def run_request(request: Request, progress: gr.Progress, previews: bool) -> Iterator[list | None | Outcome]:
+    """Sample with each of the request's modes in turn; yields at every chunk a preview gallery (when asked
+    for) or None, and lastly the Outcome. Shared by the page and both API endpoints, which yield in turn so
+    that gradio can stop an abandoned request between chunks."""
     results = []
-    for step, mode in enumerate(request.modes, 1):
-        label = f"{mode}, {step} of {len(request.modes)}" if len(request.modes) > 1 else mode
+    modes = request.modes if request.condition_scale != 1 else request.modes[-1:]  # one sampler: see below
+    for step, mode in enumerate(modes, 1):
+        label = f"{mode}, {step} of {len(modes)}" if len(modes) > 1 else mode
         call = lambda on_progress, mode=mode: engine.generate(  # noqa: E731
             request.prompts,
             n_seeds=request.n_seeds,
@@ -249,13 +373,12 @@ def run_request(request: Request, progress: gr.Progress, previews: bool) -> Iter
         )
         try:
             for event in _in_worker(call):
-                if isinstance(event, Result):
-                    results.append(event)
+                if isinstance(event, Finished):
+                    results.append(event.value)
                     continue
                 done, total, images = event
                 progress((done, total), desc=f"Sampling ({label})", unit="tokens")
-                if previews and images is not None:
-                    yield _preview_gallery(request, images)
+                yield _preview_gallery(request, images) if previews and images is not None else None
         except ValueError as exc:  # the engine's own argument checks: a sentence for the person
             raise _user_error(str(exc)) from None
     yield _outcome(request, results)
@@ -267,9 +390,9 @@ def generate_page(prompt, condition_scale, n_seeds, sampler, seed, randomize_see
     request = parse_request(prompt, condition_scale, n_seeds, sampler, seed, randomize_seed, top_k, top_p, temperature)
     for item in run_request(request, progress, previews=bool(previews)):
         if isinstance(item, Outcome):
-            yield item.gallery, item.markdown, item.summary, request.seed
+            yield item.gallery, item.markdown, item.stages, item.summary, request.seed
         else:
-            yield item, gr.skip(), gr.skip(), gr.skip()
+            yield gr.skip() if item is None else item, gr.skip(), gr.skip(), gr.skip(), gr.skip()
 
 
 def generate(prompt, condition_scale, n_seeds, sampler, seed, randomize_seed, top_k, top_p, temperature,
@@ -277,16 +400,81 @@ def generate(prompt, condition_scale, n_seeds, sampler, seed, randomize_seed, to
     """Generate images from one prompt per line with the "parallel" or "serial" sampler, or "compare"
     to run both. Returns the images (captioned with index, seed and prompt) and timings as JSON."""
     request = parse_request(prompt, condition_scale, n_seeds, sampler, seed, randomize_seed, top_k, top_p, temperature)
-    *_, outcome = run_request(request, progress, previews=False)
-    return outcome.gallery, outcome.summary
+    for item in run_request(request, progress, previews=False):
+        yield (item.gallery, item.summary) if isinstance(item, Outcome) else (gr.skip(), gr.skip())
 
 
 def compare(prompt, condition_scale, n_seeds, seed, randomize_seed, top_k, top_p, temperature,
             progress=gr.Progress()):
     """Generate with the serial sampler, then the parallel one, from the same seed. Returns the images
     and both samplers' timings as JSON with parallel_speedup: serial over parallel time, compilation excluded."""
-    return generate(prompt, condition_scale, n_seeds, "compare", seed, randomize_seed, top_k, top_p, temperature,
-                    progress)
+    yield from generate(prompt, condition_scale, n_seeds, "compare", seed, randomize_seed, top_k, top_p,
+                        temperature, progress)
+
+
+@dataclass(frozen=True)
+class BenchmarkRequest:
+    images: list[int]
+    condition_scale: float
+    repeats: int
+    fit_limit: int | None
+
+
+def parse_benchmark(images, condition_scale, repeats, fit_limit) -> BenchmarkRequest:
+    """Checked benchmark settings, or gr.Error naming the field and what it accepts."""
+    if isinstance(images, (int, float, str)):
+        images = [images]
+    if not isinstance(images, list) or not images:
+        raise _user_error(f"Images per prompt: pick at least one of {', '.join(map(str, BENCH_IMAGE_CHOICES))}.")
+    counts = sorted({int(_number(n, "Images per prompt", (1, engine.max_images), whole=True)) for n in images})
+    fit = int(_number(fit_limit, "Search the largest batch up to", FIT_LIMIT_RANGE, whole=True))
+    return BenchmarkRequest(
+        images=counts,
+        condition_scale=_number(condition_scale, "Condition scale", SCALE_RANGE),
+        repeats=int(_number(repeats, "Timed calls per row", BENCH_REPEATS_RANGE, whole=True)),
+        fit_limit=fit or None,
+    )
+
+
+def run_benchmark(request: BenchmarkRequest, progress: gr.Progress) -> Iterator[None | experiment.Sweep]:
+    """The sweep in the sampling queue's worker, with a progress bar over its rows; yields None per row
+    (a point where gradio can stop an abandoned request), lastly the Sweep."""
+    call = lambda on_progress: experiment.sweep(  # noqa: E731
+        engine, request.images, condition_scale=request.condition_scale, repeats=request.repeats,
+        fit_limit=request.fit_limit, progress=on_progress)
+    for event in _in_worker(call):
+        if isinstance(event, Finished):
+            yield event.value
+            return
+        done, total, what = event
+        progress((done, total), desc=f"Benchmark: {what}", unit="rows")
+        yield None
+
+
+def _sweep_frames(result: experiment.Sweep) -> tuple[pd.DataFrame, pd.DataFrame]:
+    times = pd.DataFrame({"sampler": [r.mode for r in result.rows], "images": [r.images for r in result.rows],
+                          "s / image": [r.s_per_image for r in result.rows]})
+    measured = [r for r in result.rows if r.memory_per_image_mib is not None]
+    memory = pd.DataFrame({"sampler": [r.mode for r in measured], "images": [r.images for r in measured],
+                           "MiB / image": [r.memory_per_image_mib for r in measured]})
+    return times, memory
+
+
+def benchmark_page(images, condition_scale, repeats, fit_limit, progress=gr.Progress()):
+    """The Benchmark tab: plots of time and memory per image, the table, and the JSON."""
+    for item in run_benchmark(parse_benchmark(images, condition_scale, repeats, fit_limit), progress):
+        if item is None:
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        else:
+            yield (*_sweep_frames(item), experiment.markdown(item), item.as_dict())
+
+
+def benchmark(images, condition_scale, repeats, fit_limit, progress=gr.Progress()):
+    """Time serial and parallel sampling of one prompt at each image count (steady state; compilation
+    apart), with memory per image and each row against the machine's weight-streaming floor. Returns the
+    rows, speed-ups (serial s / parallel s per image count) and, when fit_limit > 0, the largest batch."""
+    for item in run_benchmark(parse_benchmark(images, condition_scale, repeats, fit_limit), progress):
+        yield gr.skip() if item is None else item.as_dict()
 
 
 def _model_line() -> str:
@@ -307,38 +495,67 @@ def build_demo() -> gr.Blocks:
         )
         if engine.info.fallback_notice:
             gr.Markdown(f"⚠️ **{engine.info.fallback_notice}**", elem_classes="fallback-banner")
-        with gr.Row():
-            with gr.Column():
-                prompt = gr.Textbox(
-                    label="Prompts",
-                    info=f"One per line, up to {MAX_PROMPTS}.",
-                    placeholder="a red bicycle leaning against a brick wall",
-                    lines=3,
-                )
-                condition_scale = gr.Slider(*SCALE_RANGE, value=10, step=0.5, label="Condition scale")
-                n_seeds = gr.Slider(1, engine.max_images, value=1, step=1, label="Images per prompt")
-                sampler = gr.Radio(SAMPLERS, value="parallel", label="Sampler")
-                with gr.Accordion("Advanced", open=False):
-                    seed = gr.Number(0, label="Seed", precision=0, minimum=SEED_RANGE[0], maximum=SEED_RANGE[1])
-                    randomize_seed = gr.Checkbox(True, label="Randomise seed")
-                    top_k = gr.Number(50, label="Top-k", precision=0, minimum=TOP_K_RANGE[0], maximum=TOP_K_RANGE[1])
-                    top_p = gr.Slider(*TOP_P_RANGE, value=1.0, step=0.01, label="Top-p", info="1 keeps every token.")
-                    temperature = gr.Slider(*TEMPERATURE_RANGE, value=1.0, step=0.05, label="Temperature")
-                    previews = gr.Checkbox(False, label="Progressive previews")
-                run = gr.Button("Generate", variant="primary")
-            with gr.Column():
-                gallery = gr.Gallery(label="Images", columns=2, fit_columns=False, format="png", elem_id="gallery")
-                timings = gr.Markdown(label="Timings", elem_id="timings")
-                with gr.Accordion("Timings as JSON", open=False):
-                    timings_json = gr.JSON(label="Timings (JSON)")
-        gr.Markdown(_model_line(), elem_id="model-line")
-        gr.Examples(EXAMPLES, inputs=[prompt, condition_scale, n_seeds, sampler], cache_examples=False)
+        with gr.Tab("Generate"):
+            with gr.Row():
+                with gr.Column():
+                    prompt = gr.Textbox(
+                        label="Prompts",
+                        info=f"One per line, up to {MAX_PROMPTS}.",
+                        placeholder="a red bicycle leaning against a brick wall",
+                        lines=3,
+                    )
+                    condition_scale = gr.Slider(*SCALE_RANGE, value=10, step=0.5, label="Condition scale")
+                    n_seeds = gr.Slider(1, engine.max_images, value=1, step=1, label="Images per prompt")
+                    sampler = gr.Radio(SAMPLERS, value="parallel", label="Sampler")
+                    with gr.Accordion("Advanced", open=False):
+                        seed = gr.Number(0, label="Seed", precision=0, minimum=SEED_RANGE[0], maximum=SEED_RANGE[1])
+                        randomize_seed = gr.Checkbox(True, label="Randomise seed")
+                        top_k = gr.Number(50, label="Top-k", precision=0, minimum=TOP_K_RANGE[0], maximum=TOP_K_RANGE[1])
+                        top_p = gr.Slider(*TOP_P_RANGE, value=1.0, step=0.01, label="Top-p", info="1 keeps every token.")
+                        temperature = gr.Slider(*TEMPERATURE_RANGE, value=1.0, step=0.05, label="Temperature")
+                        previews = gr.Checkbox(False, label="Progressive previews")
+                    run = gr.Button("Generate", variant="primary")
+                with gr.Column():
+                    gallery = gr.Gallery(label="Images", columns=2, fit_columns=False, format="png", elem_id="gallery")
+                    timings = gr.Markdown(label="Timings", elem_id="timings")
+                    stage_plot = gr.BarPlot(x="sampler", y="seconds", color="stage", title="Where the time went",
+                                            y_title="seconds (compilation inside its stage)", elem_id="stage-plot",
+                                            sort=["serial", "parallel", "conditional"])
+                    with gr.Accordion("Timings as JSON", open=False):
+                        timings_json = gr.JSON(label="Timings (JSON)")
+            gr.Markdown(_model_line(), elem_id="model-line")
+            gr.Examples(EXAMPLES, inputs=[prompt, condition_scale, n_seeds, sampler], cache_examples=False)
+        with gr.Tab("Benchmark"):
+            gr.Markdown(BENCHMARK_INTRO)
+            with gr.Row():
+                with gr.Column(scale=1):
+                    bench_images = gr.CheckboxGroup(BENCH_IMAGE_CHOICES, value=BENCH_IMAGE_CHOICES[:2],
+                                                    label="Images per prompt", info="One prompt; each is a row.")
+                    bench_scale = gr.Slider(*SCALE_RANGE, value=3, step=0.5, label="Condition scale",
+                                            info="At 1 only the conditional sampler runs.")
+                    bench_repeats = gr.Slider(*BENCH_REPEATS_RANGE, value=1, step=1, label="Timed calls per row",
+                                              info="After one untimed warm-up call; the median counts.")
+                    bench_fit = gr.Number(0, label="Search the largest batch up to", precision=0,
+                                          minimum=FIT_LIMIT_RANGE[0], maximum=FIT_LIMIT_RANGE[1],
+                                          info="0: no search. Compiles, never runs, the shapes it tries.")
+                    bench_run = gr.Button("Run benchmark", variant="primary")
+                with gr.Column(scale=2):
+                    time_plot = gr.LinePlot(x="images", y="s / image", color="sampler", title="Seconds per image",
+                                            x_title="images per prompt", elem_id="time-plot")
+                    memory_plot = gr.LinePlot(x="images", y="MiB / image", color="sampler",
+                                              title="Memory per image", x_title="images per prompt",
+                                              elem_id="memory-plot")
+                    bench_table = gr.Markdown(elem_id="bench-table")
+                    with gr.Accordion("Why the gap is what it is", open=False):
+                        gr.Markdown(WHY_THE_GAP)
+                    with gr.Accordion("Results as JSON", open=False):
+                        bench_json = gr.JSON(label="Benchmark (JSON)")
 
         # One sampling job at a time across the page and the API; values arrive raw (preprocess=False)
         # so parse_request can name the field in every message.
         shared = dict(concurrency_limit=1, concurrency_id="sampler", preprocess=False)
         request_inputs = [prompt, condition_scale, n_seeds, sampler, seed, randomize_seed, top_k, top_p, temperature]
-        run.click(generate_page, [*request_inputs, previews], [gallery, timings, timings_json, seed],
+        run.click(generate_page, [*request_inputs, previews], [gallery, timings, stage_plot, timings_json, seed],
                   show_progress_on=gallery, api_visibility="private", **shared)
         # API-only endpoints: hidden buttons give them the page's components (and so files for images).
         gr.Button("generate", visible=False).click(
@@ -348,10 +565,17 @@ def build_demo() -> gr.Blocks:
             compare, [i for i in request_inputs if i is not sampler], [gallery, timings_json], api_name="compare",
             **shared,
         )
+        bench_inputs = [bench_images, bench_scale, bench_repeats, bench_fit]
+        bench_run.click(benchmark_page, bench_inputs, [time_plot, memory_plot, bench_table, bench_json],
+                        show_progress_on=bench_table, api_visibility="private", **shared)
+        gr.Button("benchmark", visible=False).click(benchmark, bench_inputs, bench_json, api_name="benchmark",
+                                                    **shared)
     return demo
 
 
 demo = build_demo()
 
 if __name__ == "__main__":
-    demo.queue(max_size=MAX_WAITING).launch(css=CSS)  # host and port: GRADIO_SERVER_NAME / GRADIO_SERVER_PORT
+    # Host and port: GRADIO_SERVER_NAME / GRADIO_SERVER_PORT. share=False: never a public gradio.live
+    # tunnel, whatever GRADIO_SHARE says.
+    demo.queue(max_size=MAX_WAITING).launch(css=CSS, share=False)

@@ -78,6 +78,22 @@ def measure_ours(engine, mode: str, images: int, args, loaded_rss_mb: float) -> 
                     loaded_rss_mb)
 
 
+def run_sweep(args) -> None:
+    """``--sweep``: the Space's Benchmark tab from the command line (``dalle_space.experiment``)."""
+    from . import experiment
+
+    images = int_list(args.images)
+    engine = build_engine(args, max(images + [args.fit_limit]))
+    result = experiment.sweep(engine, images, args.modes.split(","), condition_scale=args.condition_scale,
+                              repeats=args.repeats, fit_limit=args.fit_limit or None,
+                              progress=lambda done, total, what: print(f"[{done}/{total}] {what}", file=sys.stderr))
+    if args.json:
+        out = {"settings": {"preset": None if args.model else args.preset, "model": args.model, "dtype": args.dtype},
+               "machine": machine_info(), **result.as_dict()}
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    print(experiment.markdown(result))
+
+
 def run_in_process(args) -> list[dict[str, Any]]:
     images = int_list(args.images)
     engine = build_engine(args, max(images))
@@ -186,7 +202,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="random weights of this architecture (default mini)")
     source.add_argument("--model", help="real weights: a checkpoint folder or hub id, as Engine.from_pretrained takes")
     p.add_argument("--images", default="1,2,4,8,16", help="comma-separated images per prompt (one prompt)")
-    p.add_argument("--modes", default="parallel,serial", help="comma-separated: parallel, serial")
+    p.add_argument("--modes", default="parallel,serial",
+                   help="comma-separated: parallel, serial; with --sweep also conditional (condition scale 1)")
+    p.add_argument("--sweep", action="store_true",
+                   help="the Space's Benchmark tab: in-process sweep with memory per image and the weight-streaming "
+                        "floor (dalle_space.experiment); no upstream")
+    p.add_argument("--fit-limit", type=int, default=0,
+                   help="with --sweep: search each mode's largest batch up to this many images (0: no search)")
     add_sampling_options(p)
     p.add_argument("--repeats", type=int, default=1, help="steady-state calls timed after the first (median)")
     p.add_argument("--json", help="write the full results here")
@@ -200,19 +222,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
-    bad = set(args.modes.split(",")) - {"parallel", "serial"}
+    bad = set(args.modes.split(",")) - {"parallel", "serial", *(("conditional",) if args.sweep else ())}
     if bad:
         p.error(f"unknown mode(s): {', '.join(sorted(bad))}")
     bad = set(args.upstream_layouts.split(",")) - {"scan", "unscan"}
     if bad:
         p.error(f"unknown upstream layout(s): {', '.join(sorted(bad))}")
-    if args.in_process and args.upstream:
-        p.error("--upstream runs in subprocesses; drop --in-process")
+    if (args.in_process or args.sweep) and args.upstream:
+        p.error("--upstream runs in subprocesses; drop --in-process / --sweep")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.sweep:
+        return run_sweep(args)
     machine = machine_info()
     images = int_list(args.images)
     modes = args.modes.split(",")

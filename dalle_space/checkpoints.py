@@ -3,7 +3,10 @@ or a preset name (``mini``, ``mega``, ``f16_16384`` from the hub; ``tiny``, bund
 
 Both layouts upstream writes load: stacked layers (``use_scan``) as they are, one subtree per layer
 (after upstream's ``unscan``) stacked on read. The tree is checked against the config before anything is
-computed, so a broken checkpoint fails with one message naming every bad path.
+computed, so a broken checkpoint fails with one message naming every bad path. A folder a user points at is
+checked before transformers or the weight reader see it: the files, the config's model type and shape fields,
+the tokenizer's special ids and size, and the pairing of model and VQGAN, each refused with a message naming
+the folder and the part at fault.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import numpy as np
 import msgpack
 from flax import serialization
 from flax.traverse_util import flatten_dict, unflatten_dict
+from transformers import BartTokenizerFast
 
-from . import bundled, dallebart, vqgan
+from . import bundled, dallebart, text, vqgan
 from .config import DalleBartConfig, VQGANConfig
 
 # Hub repositories of the published models. The VQGAN commit is the one dalle-mini's inference notebook
@@ -35,9 +39,17 @@ DALLEBART_FILES = ("config.json", "flax_model.msgpack", "vocab.json", "merges.tx
 VQGAN_FILES = ("config.json", "flax_model.msgpack")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
+# Fields that set parameter shapes: DalleBartConfig's defaults for them are mini's, so a config.json without one
+# would load as a model it does not describe.
+SHAPE_FIELDS = ("d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
+                "encoder_ffn_dim", "decoder_ffn_dim", "encoder_vocab_size", "image_vocab_size", "image_length",
+                "max_text_length")
+BART_SPECIAL_IDS = {"bos": 0, "pad": 1, "eos": 2, "unk": 3}
+
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing files, or a parameter tree that does not fit its config."""
+    """A checkpoint that cannot be used: missing or unreadable files, a config, tokenizer, parameter tree or
+    VQGAN that does not fit the model, or a repo or revision the hub does not have."""
 
 
 class HubUnavailableError(CheckpointError):
@@ -59,17 +71,29 @@ def _locate(source: str | Path, revision: str | None, hub: dict[str, tuple[str, 
 
 
 def _download(repo_id: str, revision: str | None, files: tuple[str, ...]) -> tuple[Path, str]:
-    """Fetch only the listed files of a hub repo at a revision; offline, fall back to the local cache."""
-    from huggingface_hub import snapshot_download
+    """Fetch only the listed files of a hub repo at a revision. A repo or revision the hub says does not exist
+    is a CheckpointError: a typo must stop the app, not pass for an outage. Any other failure (no network, hub
+    down, a download cut off, offline mode) falls back to a complete copy in the local cache, and without one
+    is a HubUnavailableError."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
+    hub = f"the hub at {constants.ENDPOINT}"
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(files)))
-    except Exception as online_error:  # no network, hub down, offline mode: try what is cached
+    except RevisionNotFoundError:
+        raise CheckpointError(f"{repo_id} has no revision {revision!r} on {hub}") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{repo_id} is not a repository on {hub} (or it is private or gated)") from None
+    except HFValidationError as error:
+        raise CheckpointError(f"{repo_id!r} is not a valid hub id ({error})") from None
+    except Exception as online_error:
         try:
             folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(files),
                                             local_files_only=True))
         except Exception:
-            raise HubUnavailableError(f"cannot download {repo_id} from the hub ({online_error})") from None
+            raise HubUnavailableError(f"cannot download {repo_id} from {hub} "
+                                      f"({type(online_error).__name__}: {online_error})") from None
     return folder, folder.name  # snapshot folders are named by commit hash
 
 
@@ -112,7 +136,97 @@ def read_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder} has no config.json")
-    return json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text(encoding="utf8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is not JSON ({error})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} is not a config (a JSON {type(raw).__name__}, not an object)")
+    return raw
+
+
+def read_dallebart_config(folder: Path) -> DalleBartConfig:
+    """The checkpoint's config, refused when it describes another model (its ``model_type``), lacks a field
+    that sets a parameter shape, or starts pictures on a token the decoder has no embedding row for."""
+    raw = read_config(folder)
+    path = folder / "config.json"
+    if raw.get("model_type") != "dallebart":
+        raise CheckpointError(f"{path} is not a DalleBart config: model_type is {raw.get('model_type')!r}, "
+                              "not 'dallebart'")
+    missing = [name for name in SHAPE_FIELDS if name not in raw]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}")
+    config = DalleBartConfig.from_dict(raw)
+    if not 0 <= config.decoder_start_token_id < config.decoder_vocab_size:
+        raise CheckpointError(f"{path}: decoder_start_token_id {config.decoder_start_token_id} is not a row of the "
+                              f"decoder embedding (ids 0..{config.image_vocab_size})")
+    return config
+
+
+def missing_dallebart_files(folder: Path) -> list[str]:
+    """What a DalleBart folder lacks of the files the loader reads; the tokenizer is either tokenizer.json or
+    the vocab.json + merges.txt pair."""
+    missing = [name for name in ("config.json", "flax_model.msgpack") if not (folder / name).is_file()]
+    if not (folder / "tokenizer.json").is_file():
+        lacking = [name for name in ("vocab.json", "merges.txt") if not (folder / name).is_file()]
+        if lacking:
+            missing.append(f"tokenizer.json or {' + '.join(lacking)}")
+    return missing
+
+
+def load_tokenizer(folder: Path) -> BartTokenizerFast:
+    """The checkpoint's BART tokenizer, checked; cheap, so callers run it before reading any weight.
+
+    The files are looked for first: given a folder with none, transformers builds a five-token tokenizer that
+    turns every prompt into ``<s></s>``, and the model would draw pictures of nothing. The tokenizer read must
+    have BART's special ids (the empty prompt and padding are built from them) and fit the text embedding.
+    """
+    folder = Path(folder)
+    missing = missing_dallebart_files(folder)
+    if missing:
+        raise CheckpointError(f"{folder} is not a complete DalleBart checkpoint: missing {', '.join(missing)}")
+    config = read_dallebart_config(folder)
+    try:
+        tokenizer = text.load_tokenizer(folder)
+    except Exception as error:  # transformers and tokenizers raise many types for unreadable files
+        raise CheckpointError(f"the tokenizer in {folder} cannot be read ({type(error).__name__}: {error})") from None
+    check_tokenizer(tokenizer, config, folder)
+    return tokenizer
+
+
+def _ids(ids: dict[str, Any]) -> str:
+    return " ".join(f"{name}={value}" for name, value in ids.items())
+
+
+def check_tokenizer(tokenizer: BartTokenizerFast, config: DalleBartConfig, folder: Path) -> None:
+    """Refuse a tokenizer whose special ids are not BART's or whose size does not fit the text embedding.
+
+    Sizes within the published models' slack pass: mini's embedding has no row for ``<mask>`` (the last id),
+    mega pads its rows to a multiple of 8.
+    """
+    ids = {name: getattr(tokenizer, f"{name}_token_id") for name in BART_SPECIAL_IDS}
+    if ids != BART_SPECIAL_IDS:
+        raise CheckpointError(f"the tokenizer in {folder} has the special ids {_ids(ids)}, "
+                              f"not BART's {_ids(BART_SPECIAL_IDS)}")
+    size, rows = len(tokenizer), config.encoder_vocab_size
+    if not size - 1 <= rows < size + 8:
+        raise CheckpointError(f"the tokenizer in {folder} has {size} tokens but config.json's encoder_vocab_size "
+                              f"is {rows}")
+
+
+def image_codes(config: DalleBartConfig) -> int:
+    """How many VQGAN codes the model draws: the ids below its start, eos and pad ids (``image_vocab_size``
+    over-counts them where the vocabulary is padded, as mega's 16415 is)."""
+    return min(config.decoder_start_token_id, config.eos_token_id, config.pad_token_id)
+
+
+def check_pair(config: DalleBartConfig, vqgan_config: VQGANConfig, folder: Path) -> None:
+    """Refuse a VQGAN (from ``folder``) whose codebook is not the model's image vocabulary: a smaller
+    codebook would clamp codes it lacks, a larger one holds codes the model never draws."""
+    codes = image_codes(config)
+    if vqgan_config.n_embed != codes:
+        raise CheckpointError(f"the VQGAN in {folder} has {vqgan_config.n_embed} codes but the DalleBart model "
+                              f"draws {codes} (ids below its start, eos and pad ids)")
 
 
 def stack_layers(flat: dict[tuple[str, ...], np.ndarray]) -> dict[tuple[str, ...], np.ndarray]:
@@ -162,7 +276,7 @@ def load_dallebart(source: str | Path = "mini", revision: str | None = None,
     to the compute ``dtype``."""
     compute_dtype = dtype_of(dtype)
     folder, _ = locate_dallebart(source, revision)
-    config = DalleBartConfig.from_dict(read_config(folder))
+    config = read_dallebart_config(folder)
     flat = stack_layers(read_params(folder))
     check_tree(flat, dallebart.param_shapes(config), "DalleBart")
     return config, dallebart.runtime_params(flat, functools.partial(jnp.asarray, dtype=compute_dtype))

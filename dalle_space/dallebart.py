@@ -431,3 +431,18 @@ def decoder_step(config: DalleBartConfig, params: Params, tokens, position, cach
         keys.append(layer_keys)
         values.append(layer_values)
     return _logits(params, h[:, :, 0]), KVCache(keys=tuple(keys), values=tuple(values))
+
+
+def step_weight_bytes(params: Params) -> int:
+    """Bytes of weights one decoder step reads: the decoder layers, its final norm and the lm head. Not
+    the embeddings (a step gathers one row of each) nor the cross-attention key / value projections
+    (``cross_context`` applies them once per prompt). At one image this traffic bounds a step on a CPU."""
+    def read_per_step(names) -> bool:
+        if names[0] == "lm_head":
+            return True
+        cross_kv = "FlaxBartAttention_1" in names and ("k_proj" in names or "v_proj" in names)
+        return names[:2] == ["model", "decoder"] and names[2] in ("layers", "final_ln") and not cross_kv
+
+    return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize
+               for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+               if read_per_step([getattr(p, "key", None) for p in path]))

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import logging
 import math
+import numbers
 import os
 import threading
 import time
@@ -26,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from . import bundled, checkpoints, dallebart, sampler, text, vqgan
-from .config import DALLEBART_PRESETS, DalleBartConfig, VQGANConfig
+from .config import DALLEBART_PRESETS, VQGAN_PRESETS, DalleBartConfig, VQGANConfig
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class Result:
     prompts: tuple[str, ...]  # per image
     prompt_index: tuple[int, ...]  # per image
     seeds: tuple[int, ...]  # per image: that prompt alone with this seed and one image gives it again
-    mode: str
+    mode: str  # the sampler that ran: "conditional" at condition scale 1, whichever guided mode was asked for
     notices: tuple[str, ...]  # things the user should know, e.g. a truncated prompt
     timings: Timings
 
@@ -125,23 +126,33 @@ def enable_persistent_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def _real(value: Any) -> bool:
+    """A plain real number (not a bool, a string or None): what every numeric setting must be."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _whole(value: Any) -> bool:
+    return _real(value) and math.isfinite(value) and float(value).is_integer()
+
+
 def check_settings(n_images: int, max_images: int, condition_scale: float, mode: str, top_k: int,
                    top_p: float | None, temperature: float) -> None:
-    """One clear ValueError for the first bad sampling argument."""
+    """One clear ValueError for the first bad sampling argument, whatever its type: a string, None or
+    NaN gets the same sentence as an out-of-range number rather than a TypeError from deeper down."""
     if n_images < 1:
         raise ValueError("Ask for at least one image.")
     if n_images > max_images:
         raise ValueError(f"At most {max_images} images fit in one request; {n_images} were asked for.")
-    if not math.isfinite(condition_scale) or condition_scale < 0:
-        raise ValueError(f"The condition scale must be a finite number of at least 0, not {condition_scale}.")
-    if mode not in sampler.MODES:
+    if not _real(condition_scale) or not math.isfinite(condition_scale) or condition_scale < 0:
+        raise ValueError(f"The condition scale must be a finite number of at least 0, not {condition_scale!r}.")
+    if not isinstance(mode, str) or mode not in sampler.MODES:
         raise ValueError(f"The sampler mode must be one of {', '.join(sampler.MODES)}, not {mode!r}.")
-    if int(top_k) != top_k or top_k < 1:
-        raise ValueError(f"top-k must be a whole number of at least 1, not {top_k}.")
-    if top_p is not None and not (0 < top_p <= 1):
-        raise ValueError(f"top-p must be greater than 0 and at most 1, not {top_p}.")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"The temperature must be a number greater than 0, not {temperature}.")
+    if not _whole(top_k) or top_k < 1:
+        raise ValueError(f"top-k must be a whole number of at least 1, not {top_k!r}.")
+    if top_p is not None and not (_real(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"top-p must be greater than 0 and at most 1, not {top_p!r}.")
+    if not _real(temperature) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"The temperature must be a number greater than 0, not {temperature!r}.")
 
 
 def _device_name() -> str:
@@ -187,25 +198,24 @@ class Engine:
     def from_pretrained(cls, model: str | Path = "mini", vqgan: str | Path | None = "auto",
                         dtype: str = "float32", revision: str | None = None,
                         vqgan_revision: str | None = None, **kwargs) -> "Engine":
-        """Load once. ``model`` / ``vqgan`` take what the loaders take; ``vqgan="auto"`` pairs ``tiny``
-        with the tiny VQGAN and everything else with the real one; ``vqgan=None`` samples tokens only."""
+        """Load once. ``model`` / ``vqgan`` take what the loaders take; ``vqgan="auto"`` picks the VQGAN whose
+        codebook the model draws from (the bundled tiny one for 256 codes, else the real one), so a local copy
+        of either model pairs right; ``vqgan=None`` samples tokens only."""
         enable_persistent_compilation_cache()
         folder, model_revision = checkpoints.locate_dallebart(model, revision)
+        tokenizer = checkpoints.load_tokenizer(folder)  # checks the folder before any weight is read
         config, params = checkpoints.load_dallebart(folder, dtype=dtype)
-        tokenizer = text.load_tokenizer(folder)
         normalizer = None
         if config.normalize_text:
             frequencies = folder / "enwiki-words-frequency.txt"
             normalizer = text.TextNormalizer(frequencies if frequencies.is_file() else None)
         if vqgan == "auto":
-            vqgan = "tiny" if str(model) == "tiny" else "f16_16384"
+            vqgan = "tiny" if checkpoints.image_codes(config) == VQGAN_PRESETS["tiny"].n_embed else "f16_16384"
         vqgan_config = vqgan_params = None
         if vqgan is not None:
             vqgan_folder, _ = checkpoints.locate_vqgan(vqgan, vqgan_revision)
             vqgan_config, vqgan_params = checkpoints.load_vqgan(vqgan_folder, dtype=dtype)
-            if vqgan_config.n_embed != config.image_vocab_size:
-                raise checkpoints.CheckpointError(
-                    f"the VQGAN has {vqgan_config.n_embed} codes but the model emits {config.image_vocab_size}")
+            checkpoints.check_pair(config, vqgan_config, vqgan_folder)
         info = ModelInfo(model=str(model), revision=model_revision, dtype=dtype, device=_device_name())
         return cls(config, params, tokenizer, normalizer, vqgan_config, vqgan_params, info, **kwargs)
 
@@ -248,19 +258,34 @@ class Engine:
                  preview: bool = False) -> Result:
         """Images for every prompt: ``n_seeds`` each, image j of every prompt with seed ``seed + j``."""
         start = time.perf_counter()
+        if isinstance(prompts, str):
+            raise ValueError("prompts must be a list of strings, not one string.")
         prompts = list(prompts)
+        for i, prompt in enumerate(prompts, 1):
+            if not isinstance(prompt, str):
+                raise ValueError(f"Prompt {i} must be a string, not {type(prompt).__name__}.")
         if not prompts or any(not p.strip() for p in prompts):
             raise ValueError("Every prompt needs some text.")
+        for i, prompt in enumerate(prompts, 1):
+            # A lone surrogate (JSON can carry one as an escape) cannot be encoded for the tokenizer.
+            surrogate = next((c for c in prompt if "\ud800" <= c <= "\udfff"), None)
+            if surrogate is not None:
+                raise ValueError(f"Prompt {i} is not valid text: it holds the lone surrogate U+{ord(surrogate):04X}.")
+        if not _whole(n_seeds):  # a count below 1 gets check_settings' sentence
+            raise ValueError(f"n_seeds must be a whole number of at least 1, not {n_seeds!r}.")
+        n_seeds = int(n_seeds)
         check_settings(len(prompts) * n_seeds, self.max_images, condition_scale, mode, top_k, top_p,
                        temperature)
-        if not 0 <= seed <= MAX_SEED - n_seeds:
-            raise ValueError(f"The seed must be a whole number from 0 to {MAX_SEED - n_seeds}, not {seed}.")
+        if not _whole(seed) or not 0 <= seed <= MAX_SEED - n_seeds:
+            raise ValueError(f"The seed must be a whole number from 0 to {MAX_SEED - n_seeds}, not {seed!r}.")
+        seed = int(seed)
         if self._decode is None:
             raise ValueError("This engine was loaded without a VQGAN: use sample_tokens.")
 
         tokenized = text.encode_prompts(self.tokenizer, prompts, self.config.max_text_length, self.normalizer)
         tokenize_s = time.perf_counter() - start
         seeds = [seed + j for _ in prompts for j in range(n_seeds)]
+        mode = sampler.sampler_mode(mode, condition_scale)
         spec = sampler.SamplerSpec(len(prompts), n_seeds, mode, int(top_k), top_p is not None)
         stages = self._run(tokenized.input_ids, tokenized.attention_mask, seed_keys(seeds), spec,
                            self._warping(condition_scale, temperature, top_p), progress, preview)
@@ -289,10 +314,33 @@ class Engine:
         if n_prompts < 1 or n_images % n_prompts:
             raise ValueError(f"{n_images} keys cannot be shared evenly by {n_prompts} prompts.")
         check_settings(n_images, self.max_images, condition_scale, mode, top_k, top_p, temperature)
-        spec = sampler.SamplerSpec(n_prompts, n_images // n_prompts, mode, int(top_k), top_p is not None)
+        spec = sampler.SamplerSpec(n_prompts, n_images // n_prompts, sampler.sampler_mode(mode, condition_scale),
+                                   int(top_k), top_p is not None)
         tokens, *_ = self._run(input_ids, attention_mask, keys, spec,
                                self._warping(condition_scale, temperature, top_p), progress, False)
         return np.asarray(tokens)
+
+    def compile_for_shape(self, spec: sampler.SamplerSpec, positions: int | None = None):
+        """The (prepare, advance) executables of a batch shape, compiled for abstract inputs on one device
+        (never run, not cached), for what XLA makes of them: buffer sizes, optimised HLO. ``advance``
+        samples ``positions`` image positions, by default one progress chunk."""
+        ids = jax.ShapeDtypeStruct((spec.n_prompts, self.config.max_text_length), jnp.int32)
+        keys = jax.ShapeDtypeStruct((spec.n_images, 2), jnp.uint32)
+        prepare_args = (self.config, self.params, ids, ids, *self._uncond, keys, spec.mode)
+        state, contexts = jax.eval_shape(self._prepare, *prepare_args)
+        positions = positions or self.config.image_length // self.progress_chunks
+        advance_args = (self.config, self.params, state, contexts, self._warping(3.0, 1.0, None), spec, positions)
+        return self._prepare.lower(*prepare_args).compile(), self._advance.lower(*advance_args).compile()
+
+    def sampler_buffer_bytes(self, n_prompts: int, n_seeds: int, mode: str, top_k: int = 50,
+                             use_top_p: bool = False) -> int:
+        """Bytes XLA allocates besides the weights to sample one batch of this shape: the encoder's outputs
+        (loop state, KV caches, contexts), which live through sampling, plus what one sampling chunk adds."""
+        prepare, advance = (c.memory_analysis() for c in self.compile_for_shape(
+            sampler.SamplerSpec(n_prompts, n_seeds, mode, top_k, use_top_p)))
+        # The state is donated: the chunk's outputs reuse its buffers (alias), the rest is new.
+        added = advance.temp_size_in_bytes + advance.output_size_in_bytes - advance.alias_size_in_bytes
+        return prepare.output_size_in_bytes + added
 
     # ------------------------------------------------------------------------------------------------
 
@@ -351,15 +399,18 @@ class Engine:
         return vqgan.to_uint8(decode(*args[1:])), compile_s
 
 
-def load_engine(model: str = "mini", dtype: str = "float32", **kwargs) -> Engine:
+def load_engine(model: str = "mini", dtype: str = "float32", revision: str | None = None,
+                vqgan: str | Path | None = "auto", **kwargs) -> Engine:
     """The engine the Space runs: the requested model, or the bundled ``tiny`` one when the hub cannot be
-    reached, with ``info.fallback_notice`` saying so."""
+    reached, with ``info.fallback_notice`` saying so. ``revision`` and ``vqgan`` choose files of the requested
+    model only; ``kwargs`` (the Engine's own settings) apply to either."""
     try:
-        return Engine.from_pretrained(model=model, dtype=dtype, **kwargs)
+        return Engine.from_pretrained(model=model, vqgan=vqgan, dtype=dtype, revision=revision, **kwargs)
     except checkpoints.HubUnavailableError as error:
-        notice = (f"The model {model!r} could not be downloaded ({error}); running the bundled tiny "
-                  "model with random weights instead, so the images are noise.")
-        log.warning(notice)
+        # The page gets one sentence; the hub's own (long, developer-facing) error goes to the log.
+        notice = (f"The model {str(model)[:60]!r} could not be downloaded, so the bundled tiny model runs "
+                  "instead: its random weights draw noise.")
+        log.warning("%s Reason: %s", notice, error)
         engine = Engine.from_pretrained(model="tiny", dtype=dtype, **kwargs)
         engine.info = dataclasses.replace(engine.info, fallback_notice=notice)
         return engine

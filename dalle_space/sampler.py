@@ -5,8 +5,10 @@ with those of a row conditioned on the empty prompt: ``uncond + scale * (cond - 
 
 - ``parallel``: one decoder call per step on 2N rows, ``[cond rows; uncond rows]``.
 - ``serial``: upstream's order, two decoder calls per step on N rows each.
+- ``conditional``: condition scale exactly 1, where guidance returns the conditional logits unchanged:
+  one decoder call per step on the N conditional rows, and no unconditional pass at all (as upstream).
 
-Both run the same loop and the same warpers, so they produce the same tokens. The loop has a fixed trip
+All run the same loop and the same warpers, so they produce the same tokens. The loop has a fixed trip
 count (``lax.scan``): DALL·E always emits ``image_length`` tokens. Every image has its own PRNG key, split
 at each step exactly as upstream splits its one key, so one image sampled with key k is what upstream
 ``generate`` gives for that prompt with key k, and image i does not depend on how many images share the
@@ -26,11 +28,17 @@ from jax import lax
 from . import dallebart
 from .config import DalleBartConfig
 
-Mode = Literal["parallel", "serial"]
-MODES: tuple[Mode, ...] = ("parallel", "serial")
+Mode = Literal["parallel", "serial", "conditional"]
+MODES: tuple[Mode, ...] = ("parallel", "serial")  # the two ways to guide, which a user picks between
 
-# (cond, uncond logits) for one step, and the updated caches.
-LogitsFn = Callable[[jax.Array, jax.Array, tuple], tuple[jax.Array, jax.Array, tuple]]
+# (cond logits, uncond logits or None when unguided) for one step, and the updated caches.
+LogitsFn = Callable[[jax.Array, jax.Array, tuple], tuple[jax.Array, jax.Array | None, tuple]]
+
+
+def sampler_mode(mode: Mode, condition_scale: float) -> Mode:
+    """The sampler that runs: at scale exactly 1 guidance is a no-op, so both guided modes become
+    ``conditional``. Static: scale 1 has its own compiled sampler; other scales stay traced."""
+    return "conditional" if condition_scale == 1.0 else mode
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,7 +141,7 @@ def sample_step(state: SamplingState, logits_fn: LogitsFn, spec: SamplerSpec, wa
                 eos_token_id: int, pad_token_id: int) -> SamplingState:
     """Decode one position for every image: guide, warp, sample with each image's own key."""
     cond, uncond, caches = logits_fn(state.tokens, state.position, state.caches)
-    logits = warp(guide(cond, uncond, warping.condition_scale), spec, warping)
+    logits = warp(cond if uncond is None else guide(cond, uncond, warping.condition_scale), spec, warping)
     split = jax.vmap(jax.random.split)(state.keys)  # (N, 2, 2): key now, key for the next step
     # Each row is sampled as upstream samples a batch of one: categorical over a (1, vocab) array.
     sampled = jax.vmap(lambda k, l: jax.random.categorical(k, l[None], axis=-1)[0])(split[:, 0], logits)
@@ -167,7 +175,7 @@ def sample_positions(state: SamplingState, logits_fn: LogitsFn, spec: SamplerSpe
 def model_logits_fn(config: DalleBartConfig, params, contexts: tuple[dallebart.CrossContext, ...],
                     mode: Mode) -> LogitsFn:
     """The decoder call(s) of one step, one per cache and context (see ``prepare``): ``parallel`` makes
-    one call on 2N rows, ``serial`` two calls on N rows each."""
+    one call on 2N rows, ``serial`` two calls on N rows each, ``conditional`` one call on N rows."""
 
     def parallel(tokens, position, caches):
         logits, cache = dallebart.decoder_step(
@@ -180,12 +188,18 @@ def model_logits_fn(config: DalleBartConfig, params, contexts: tuple[dallebart.C
             config, params, tokens, position, caches[1], contexts[1])
         return cond_logits, uncond_logits, (cond_cache, uncond_cache)
 
-    return {"parallel": parallel, "serial": serial}[mode]
+    def conditional(tokens, position, caches):
+        logits, cache = dallebart.decoder_step(config, params, tokens, position, caches[0], contexts[0])
+        return logits, None, (cache,)
+
+    return {"parallel": parallel, "serial": serial, "conditional": conditional}[mode]
 
 
 def initial_caches(config: DalleBartConfig, n_images: int, mode: Mode, dtype) -> tuple:
     if mode == "parallel":
         return (dallebart.KVCache.zeros(config, 2 * n_images, dtype),)
+    if mode == "conditional":
+        return (dallebart.KVCache.zeros(config, n_images, dtype),)
     return tuple(dallebart.KVCache.zeros(config, n_images, dtype) for _ in range(2))
 
 
@@ -197,17 +211,21 @@ def prepare(config: DalleBartConfig, params, input_ids, attention_mask, uncond_i
     for the whole batch; keys (N, 2), prompt-major, N a multiple of P. Cross-attention keys / values are
     computed once per prompt and shared by its images. ``serial`` gets one context per call (the empty
     prompt's serves all N unconditional rows); ``parallel`` one context of 2P prompts, [cond; uncond] as the
-    rows, with the empty prompt's repeated once per prompt so that every prompt has N / P rows.
+    rows, with the empty prompt's repeated once per prompt so that every prompt has N / P rows;
+    ``conditional`` the prompts' context alone (the empty prompt is never encoded).
     """
     n_images = keys.shape[0]
     cond = dallebart.cross_context(
         config, params, dallebart.encode(config, params, input_ids, attention_mask), attention_mask)
-    uncond = dallebart.cross_context(
-        config, params, dallebart.encode(config, params, uncond_ids, uncond_mask), uncond_mask)
-    if mode == "parallel":
-        contexts = (dallebart.stack_contexts(cond, dallebart.repeat_context(uncond, input_ids.shape[0])),)
+    if mode == "conditional":
+        contexts = (cond,)
     else:
-        contexts = (cond, uncond)
+        uncond = dallebart.cross_context(
+            config, params, dallebart.encode(config, params, uncond_ids, uncond_mask), uncond_mask)
+        if mode == "parallel":
+            contexts = (dallebart.stack_contexts(cond, dallebart.repeat_context(uncond, input_ids.shape[0])),)
+        else:
+            contexts = (cond, uncond)
     dtype = dallebart.compute_dtype(params)
     state = SamplingState(
         position=jnp.zeros((), jnp.int32),

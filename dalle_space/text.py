@@ -141,7 +141,9 @@ class Tokenized:
 
 
 def load_tokenizer(folder: str | Path) -> BartTokenizerFast:
-    """The BART tokenizer stored with a checkpoint, read from its folder only (never the hub)."""
+    """The BART tokenizer stored with a checkpoint, read from its folder only (never the hub). Unchecked: given a
+    folder without tokenizer files, transformers builds a five-token tokenizer, so a folder a user names goes
+    through ``checkpoints.load_tokenizer``, which looks for the files first and checks what was read."""
     return BartTokenizerFast.from_pretrained(str(folder), local_files_only=True)
 
 

@@ -1,9 +1,10 @@
-"""VQGAN decoder path (codes -> pixels) as plain functions over the checkpoint's nested param dict.
+"""VQGAN encoder (pixels -> codes) and decoder (codes -> pixels) as plain functions over the checkpoint's
+nested param dict.
 
 Parameter names, shapes and the computation follow patil-suraj/vqgan-jax (the format of hub
 ``dalle-mini/vqgan_imagenet_f16_16384``), so its ``flax_model.msgpack`` loads without conversion.
-Data is NHWC and conv kernels HWIO, as in flax. Only decoding is computed: generation never needs the
-encoder, whose parameters are still described by :func:`param_shapes` so whole checkpoints can be checked.
+Data is NHWC and conv kernels HWIO, as in flax. Generation only decodes; the encoder path (pixels -> codes)
+is there to turn training images into codes and to train or fine-tune a VQGAN through the same functions.
 """
 
 from __future__ import annotations
@@ -69,9 +70,78 @@ def _attn_block(p, x):
     return x + _conv(p["proj_out"], out)
 
 
+def _level(level_params, x, n_blocks: int):
+    """A resolution level's resnet blocks, each followed by its own attention block where the level has them.
+
+    Pairing block_i with attn_i is vqgan-jax @10ef240's; revision 44cb011 runs every attn of the level after
+    each block, which the decoder's reference outputs rule out.
+    """
+    for i in range(n_blocks):
+        x = _resnet_block(level_params[f"block_{i}"], x)
+        if f"attn_{i}" in level_params:
+            x = _attn_block(level_params[f"attn_{i}"], x)
+    return x
+
+
+def _downsample(p, x):
+    """Halves each side: pad one row and column at the bottom and right, then a stride-2 3x3 conv, unpadded."""
+    x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    kernel = p["conv"]["kernel"].astype(x.dtype)
+    y = jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(2, 2), padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + p["conv"]["bias"].astype(x.dtype)
+
+
 def _upsample(p, x):
     """Nearest-neighbour 2x (each pixel repeated), then a 3x3 conv."""
     return _conv(p["conv"], jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+
+
+# --------------------------------------------------------------------------- encode
+
+
+def _encoder(config: VQGANConfig, p, x):
+    """conv_in -> down_0 ... down_{n-1} (each but the last halving the side) -> mid -> norm_out -> swish -> conv_out."""
+    x = _conv(p["conv_in"], x)
+    for level in range(config.num_resolutions):
+        down = p[f"down_{level}"]
+        x = _level(down, x, config.num_res_blocks)
+        if level != config.num_resolutions - 1:
+            x = _downsample(down["downsample"], x)
+    mid = p["mid"]
+    x = _resnet_block(mid["block_2"], _attn_block(mid["attn_1"], _resnet_block(mid["block_1"], x)))
+    return _conv(p["conv_out"], jax.nn.silu(_group_norm(p["norm_out"], x)))
+
+
+def encode_latents(config: VQGANConfig, params, images) -> jax.Array:
+    """Continuous latents (B, grid_side, grid_side, embed_dim) of images (B, H, W, 3) with values in [0, 1].
+
+    Encoder then quant_conv, before quantisation; [0, 1] is the range :func:`decode_codes` produces.
+    """
+    images = jnp.asarray(images)
+    side = config.resolution
+    if images.ndim != 4 or images.shape[1:] != (side, side, config.in_channels):
+        raise ValueError(f"images must have shape (batch, {side}, {side}, {config.in_channels}), got {images.shape}")
+    dtype = params["quantize"]["embedding"]["embedding"].dtype
+    x = _encoder(config, params["encoder"], images.astype(dtype))
+    return _conv(params["quant_conv"], x)
+
+
+def nearest_codes(params, latents) -> jax.Array:
+    """int32 codes (B, h * w), row-major over the grid: the codebook entry nearest each latent vector.
+
+    Squared distances as |z|^2 + |e|^2 - 2 z.e in float32, one matrix product for the whole batch.
+    """
+    table = params["quantize"]["embedding"]["embedding"].astype(jnp.float32)
+    z = latents.reshape(latents.shape[0], -1, latents.shape[-1]).astype(jnp.float32)
+    distance = (z * z).sum(-1, keepdims=True) + (table * table).sum(-1) - 2 * jnp.einsum("bnc,kc->bnk", z, table)
+    return jnp.argmin(distance, axis=-1).astype(jnp.int32)
+
+
+def encode_images(config: VQGANConfig, params, images) -> jax.Array:
+    """int32 codes (B, grid_side**2) of images (B, H, W, 3) in [0, 1], the inverse direction of
+    :func:`decode_codes`; jit with ``config`` static."""
+    return nearest_codes(params, encode_latents(config, params, images))
 
 
 # --------------------------------------------------------------------------- decode
@@ -95,12 +165,7 @@ def _decoder(config: VQGANConfig, p, x):
     x = _resnet_block(mid["block_2"], _attn_block(mid["attn_1"], _resnet_block(mid["block_1"], x)))
     for level in reversed(range(config.num_resolutions)):
         up = p[f"up_{level}"]
-        for i in range(config.num_res_blocks + 1):
-            x = _resnet_block(up[f"block_{i}"], x)
-            # block_i is followed by its own attn_i, as at vqgan-jax @10ef240. Revision 44cb011 instead
-            # runs every attn of the level after each block; the reference outputs rule that out.
-            if f"attn_{i}" in up:
-                x = _attn_block(up[f"attn_{i}"], x)
+        x = _level(up, x, config.num_res_blocks + 1)
         if level != 0:
             x = _upsample(up["upsample"], x)
     return _conv(p["conv_out"], jax.nn.silu(_group_norm(p["norm_out"], x)))
@@ -112,9 +177,13 @@ def decode_codes(config: VQGANConfig, params, codes) -> jax.Array:
     Computes in the dtype of the codebook (float32, bfloat16 or float16 checkpoints); jit with
     ``config`` static: ``jax.jit(decode_codes, static_argnums=0)``.
     """
-    codes = jnp.asarray(codes)
-    z = _lookup(config, params, codes)
-    x = _conv(params["post_quant_conv"], z)
+    return decode_latents(config, params, _lookup(config, params, jnp.asarray(codes)))
+
+
+def decode_latents(config: VQGANConfig, params, latents) -> jax.Array:
+    """Images (B, H, W, 3) float32 from quantised latents (B, grid_side, grid_side, embed_dim): post_quant_conv
+    and the decoder, the part of :func:`decode_codes` a VQGAN's training differentiates through."""
+    x = _conv(params["post_quant_conv"], latents)
     return _decoder(config, params["decoder"], x).astype(jnp.float32)
 
 

@@ -54,7 +54,8 @@ def client(first_request) -> Client:
 @pytest.fixture(scope="module")
 def max_images(client) -> int:
     """engine.max_images, read from the page: the images-per-prompt slider's maximum."""
-    sliders = [c for c in client.config["components"] if c.get("props", {}).get("label") == "Images per prompt"]
+    sliders = [c for c in client.config["components"]
+               if c["type"] == "slider" and c.get("props", {}).get("label") == "Images per prompt"]
     assert len(sliders) == 1, "the page should have exactly one 'Images per prompt' slider"
     return int(sliders[0]["props"]["maximum"])
 
@@ -130,7 +131,7 @@ BAD_INPUTS = [
     (dict(condition_scale="inf"), "Condition scale must be a finite number"),
     (dict(condition_scale=-1), "Condition scale must be between 1 and 20, not -1."),
     (dict(condition_scale=21), "Condition scale must be between 1 and 20, not 21."),
-    (dict(condition_scale="ten"), "Condition scale must be a number, not 'ten'."),
+    (dict(condition_scale="ten"), "Condition scale must be a number between 1 and 20, not 'ten'."),
     (dict(sampler="fastest"), "Sampler must be one of 'parallel', 'serial', 'compare'"),
     (dict(seed=-1), "Seed must be between 0 and"),
     (dict(top_k=0), "Top-k must be between 1 and 16384, not 0."),
@@ -170,7 +171,7 @@ def test_nan_over_plain_http_is_refused(app_server):
     with urllib.request.urlopen(f"{app_server.url}gradio_api/call/generate/{event_id}", timeout=60) as stream:
         events = stream.read().decode()
     assert "event: error" in events
-    assert "Condition scale must be a finite number, not nan." in events
+    assert "Condition scale must be a finite number between 1 and 20, not nan." in events
 
 
 def test_a_request_after_a_failed_one_succeeds(client):
@@ -213,8 +214,32 @@ def test_engine_value_errors_reach_the_person_as_gr_error(monkeypatch):
 
     monkeypatch.setattr(app.engine, "generate", refuse)
     with pytest.raises(gr.Error) as raised:
-        app.generate(**GOOD)
+        list(app.generate(**GOOD))
     assert raised.value.message == "The seed must be a whole number from 0 to 9, not 12."
+
+
+def test_an_abandoned_request_stops_its_worker_at_the_next_progress_report(monkeypatch):
+    """Gradio closes the generator of a cancelled or disconnected request: the worker raises at its next
+    report and releases the engine, rather than sampling to the end for nobody."""
+    monkeypatch.setenv("DALLE_MODEL", "tiny")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.syspath_prepend(str(APP.parent))
+    app = importlib.import_module("app")
+    reports = []
+
+    def long_call(report):
+        for chunk in range(1000):
+            time.sleep(0.01)
+            report(chunk)
+            reports.append(chunk)
+        return "finished"
+
+    worker = app._in_worker(long_call)
+    assert next(worker) == (0,)
+    worker.close()  # what gradio does to an abandoned request's generator
+    assert app._engine_lock.acquire(timeout=5), "the abandoned worker kept the engine"
+    app._engine_lock.release()
+    assert len(reports) < 5
 
 
 def test_app_is_ui_only_and_never_imports_jax():
@@ -240,3 +265,57 @@ def test_unreachable_hub_falls_back_to_tiny_and_says_so_on_the_page(launch_app, 
 def test_no_fallback_banner_when_the_model_loads(client):
     assert not [c for c in client.config["components"]
                 if "fallback-banner" in (c.get("props", {}).get("elem_classes") or [])]
+
+
+# ------------------------------------------------------------------------------------------------
+# The experiment: scale 1 and the Benchmark tab's endpoint
+
+BENCHMARK_LIMIT_S = 60
+
+
+def test_compare_at_scale_one_runs_one_sampler_and_says_why(client):
+    images, summary = generate(client, "/compare", condition_scale=1)
+    assert len(images) == 1
+    assert set(summary["timings"]) == {"conditional"}
+    assert "parallel_speedup" not in summary
+    assert any("nothing to compare" in notice for notice in summary["notices"])
+
+
+def test_benchmark_returns_rows_for_both_samplers_and_every_batch(client):
+    start = time.monotonic()
+    result = client.predict(images=[1, 2], condition_scale=3, repeats=1, fit_limit=0, api_name="/benchmark")
+    assert time.monotonic() - start < BENCHMARK_LIMIT_S
+    assert {(row["mode"], row["images"]) for row in result["rows"]} == {
+        (mode, n) for mode in ("serial", "parallel") for n in (1, 2)}
+    for row in result["rows"]:
+        assert row["s_per_call"] > 0 and row["s_per_image"] == pytest.approx(row["s_per_call"] / row["images"])
+        assert row["memory_mib"] > 0 and row["memory_per_image_mib"] > 0
+        assert 0 < row["floor_s"] < row["s_per_call"] and row["floor_fraction"] == pytest.approx(
+            row["floor_s"] / row["s_per_call"])
+    assert [s["images"] for s in result["speedups"]] == [1, 2]
+    assert result["bandwidth_gbs"] > 0
+    assert result["products_per_step"]["serial"] > result["products_per_step"]["parallel"]
+
+
+def test_benchmark_at_scale_one_runs_the_conditional_sampler_and_searches_the_largest_batch(client, max_images):
+    result = client.predict(images=[1], condition_scale=1, repeats=1, fit_limit=4, api_name="/benchmark")
+    assert [row["mode"] for row in result["rows"]] == ["conditional"]
+    assert result["largest_fit"] == {"conditional": 4} and result["fit_limit"] == 4
+
+
+BAD_BENCHMARKS = [
+    (dict(images=[]), "Images per prompt: pick at least one of 1, 2, 4"),
+    (dict(images=[0]), "Images per prompt must be between 1 and"),
+    (dict(images=["two"]), "Images per prompt must be a whole number between 1 and 16, not 'two'."),
+    (dict(condition_scale=0), "Condition scale must be between 1 and 20, not 0."),
+    (dict(repeats=9), "Timed calls per row must be between 1 and 5, not 9."),
+    (dict(fit_limit=10_000), "Search the largest batch up to must be between 0 and 256, not 10000."),
+]
+
+
+@pytest.mark.parametrize("changes, message", BAD_BENCHMARKS, ids=[repr(c) for c, _ in BAD_BENCHMARKS])
+def test_bad_benchmark_settings_get_a_readable_error(client, changes, message):
+    settings = {"images": [1], "condition_scale": 3, "repeats": 1, "fit_limit": 0, **changes}
+    with pytest.raises(AppError) as raised:
+        client.predict(**settings, api_name="/benchmark")
+    assert message in str(raised.value)

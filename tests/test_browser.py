@@ -55,9 +55,40 @@ def test_compare_both_shows_images_and_timings(page):
         expect(timings).to_contain_text(header)
     expect(page.locator("#model-line")).to_contain_text("tiny")
     expect(page.get_by_text(re.compile(r"#1 · seed \d+ · a red bicycle")).first).to_be_attached()
+    _expect_plot_drawn(page, "#stage-plot", ["serial", "parallel"])
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=ARTIFACTS / "compare.png", full_page=True)
+
+
+def _expect_plot_drawn(page, selector: str, legend: list[str]) -> None:
+    """A native gradio plot drew marks (vega's SVG paths) with every legend entry."""
+    from playwright.sync_api import expect
+
+    plot = page.locator(selector)
+    expect(plot.locator("svg .mark-line path, svg .mark-rect path").first).to_be_attached(timeout=30_000)
+    for entry in legend:
+        expect(plot.locator("svg")).to_contain_text(entry)
+
+
+def test_benchmark_tab_sweeps_and_draws_both_plots(page):
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Benchmark").click()
+    for count in ("1", "2"):
+        expect(page.get_by_role("checkbox", name=count, exact=True)).to_be_checked()
+    page.get_by_role("button", name="Run benchmark").click()
+
+    table = page.locator("#bench-table")
+    expect(table).to_contain_text("parallel vs serial", timeout=SAMPLING_TIMEOUT_MS)
+    expect(table).to_contain_text("Matrix products in one optimised step")
+    for selector in ("#time-plot", "#memory-plot"):
+        _expect_plot_drawn(page, selector, ["serial", "parallel"])
+    page.get_by_text("Why the gap is what it is").click()
+    expect(page.get_by_text("bound by reading the weights")).to_be_visible()
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "benchmark.png", full_page=True)
 
 
 def test_empty_prompt_shows_a_readable_error(page):

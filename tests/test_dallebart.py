@@ -257,7 +257,10 @@ def test_missing_files_and_bad_sources(tmp_path):
 
 
 def test_unreachable_hub_raises_hub_unavailable(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    # huggingface_hub reads its environment once, at import: patch what it read, so no request leaves.
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(checkpoints.HubUnavailableError, match="cannot download dalle-mini/dalle-mini"):
         checkpoints.locate_dallebart("mini")

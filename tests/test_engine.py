@@ -74,7 +74,7 @@ def test_traced_settings_never_recompile_and_a_new_shape_compiles_once(engine, e
     ids, mask = expected["input_ids"][:2], expected["attention_mask"][:2]
     engine.sample_tokens(ids, mask, seed_keys(range(2)), condition_scale=3.0)
     misses = engine.cache_info().misses
-    for scale, temperature, top_p in [(1.0, 1.0, None), (7.5, 0.5, None), (0.0, 2.0, None)]:
+    for scale, temperature, top_p in [(2.0, 1.0, None), (7.5, 0.5, None), (0.0, 2.0, None)]:
         engine.sample_tokens(ids, mask, seed_keys([5, 6]), condition_scale=scale, temperature=temperature, top_p=top_p)
     assert engine.cache_info().misses == misses
     engine.sample_tokens(ids, mask, seed_keys([5, 6]), condition_scale=3.0, top_p=0.3)  # top-p on: new sampler
@@ -86,6 +86,56 @@ def test_traced_settings_never_recompile_and_a_new_shape_compiles_once(engine, e
     engine.sample_tokens(ids[:1], mask[:1], seed_keys(range(3, 6)), condition_scale=5.0)
     assert engine.cache_info().misses == after_new_shape.misses
     assert engine.cache_info().hits > after_new_shape.hits
+
+
+def _guided_tokens(engine, input_ids, attention_mask, keys, mode, **warping):
+    """Tokens of a *guided* sampler run whatever the scale: the engine itself sends scale 1 to the
+    conditional sampler, so the guided one is driven through the sampler module directly."""
+    import jax
+    import jax.numpy as jnp
+
+    from dalle_space import sampler
+
+    config = engine.config
+    spec = sampler.SamplerSpec(input_ids.shape[0], keys.shape[0] // input_ids.shape[0], mode, 50, False)
+    uncond = text.unconditional_ids(engine.tokenizer, config.max_text_length)
+    state, contexts = jax.jit(sampler.prepare, static_argnums=(0, 7))(
+        config, engine.params, jnp.asarray(input_ids), jnp.asarray(attention_mask), *map(jnp.asarray, uncond),
+        jnp.asarray(keys), mode)
+    advance = jax.jit(sampler.advance, static_argnums=(0, 5, 6))
+    state = advance(config, engine.params, state, contexts, sampler.Warping(**warping), spec, config.image_length)
+    return np.asarray(state.sequences)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "serial"])
+def test_scale_one_runs_the_conditional_sampler_with_the_guided_tokens(engine, expected, mode):
+    """At scale 1 the engine skips the unconditional rows; its tokens are the guided sampler's at scale 1."""
+    import jax.numpy as jnp
+
+    ids, mask, keys = expected["input_ids"][:2], expected["attention_mask"][:2], seed_keys([3, 4, 5, 6])
+    fast = engine.sample_tokens(ids, mask, keys, condition_scale=1.0, mode=mode, top_k=50)
+    guided = _guided_tokens(engine, ids, mask, keys, mode, condition_scale=jnp.float32(1.0),
+                            temperature=jnp.float32(1.0), top_p=jnp.float32(1.0))
+    np.testing.assert_array_equal(fast, guided)
+    scaled = engine.sample_tokens(ids, mask, keys, condition_scale=3.0, mode=mode, top_k=50)
+    assert (fast != scaled).any()  # the scale does reach the guided sampler
+
+
+def test_scale_one_compiles_one_sampler_and_never_again(engine, expected):
+    ids, mask = expected["input_ids"][:1], expected["attention_mask"][:1]
+    engine.sample_tokens(ids, mask, seed_keys([7, 8]), condition_scale=3.0)
+    before = engine.cache_info().misses
+    engine.sample_tokens(ids, mask, seed_keys([7, 8]), condition_scale=1.0)
+    assert engine.cache_info().misses - before <= 2  # one sampler: its prepare and advance functions
+    after_one = engine.cache_info().misses
+    for scale, mode in [(3.0, "parallel"), (1.0, "serial"), (5.0, "parallel"), (1.0, "parallel")]:
+        engine.sample_tokens(ids, mask, seed_keys([7, 8]), condition_scale=scale, mode=mode)
+    assert engine.cache_info().misses == after_one
+
+
+def test_scale_one_result_names_the_conditional_sampler(tiny):
+    assert tiny.generate(["a red bicycle"], condition_scale=1.0, mode="serial", seed=2).mode == "conditional"
+    assert tiny.generate(["a red bicycle"], condition_scale=3.0, mode="serial", seed=2).mode == "serial"
 
 
 BAD_SETTINGS = [

@@ -133,11 +133,16 @@ def test_seed_keys_equal_prng_keys():
     np.testing.assert_array_equal(seed_keys(seeds), np.stack([jax.random.PRNGKey(s) for s in seeds]))
 
 
-@pytest.mark.parametrize("mode", sampler.MODES)
-def test_caches_follow_the_mode(mode):
+@pytest.mark.parametrize("mode, rows", [("parallel", [6]), ("serial", [3, 3]), ("conditional", [3])])
+def test_caches_follow_the_mode(mode, rows):
     from dalle_space.config import DALLEBART_PRESETS
 
     config = DALLEBART_PRESETS["tiny"]
     caches = sampler.initial_caches(config, 3, mode, jnp.float32)
-    rows = [c.keys[0].shape[0] // config.decoder_attention_heads for c in caches]
-    assert rows == ([6] if mode == "parallel" else [3, 3])
+    assert [c.keys[0].shape[0] // config.decoder_attention_heads for c in caches] == rows
+
+
+def test_only_scale_one_picks_the_conditional_sampler():
+    assert sampler.sampler_mode("serial", 1.0) == sampler.sampler_mode("parallel", 1.0) == "conditional"
+    assert [sampler.sampler_mode(m, s) for m in sampler.MODES for s in (0.0, 0.999, 3.0)] == \
+        ["parallel"] * 3 + ["serial"] * 3

@@ -1,0 +1,96 @@
+"""The experiment behind the Benchmark tab: the weight-streaming floor, memory measurement, the
+largest-batch search, product counts, and the sweep's rows, on the bundled tiny model."""
+
+import numpy as np
+import pytest
+
+from dalle_space import dallebart, experiment
+from dalle_space.config import DALLEBART_PRESETS
+from dalle_space.engine import Engine
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return Engine.from_pretrained("tiny")
+
+
+def test_step_weight_bytes_counts_what_a_decoder_step_reads(tiny):
+    """Per layer: q, k, v, out of self-attention, q and out of cross-attention (its k / v are applied once
+    per prompt), the GLU's three matrices, and the norms' vectors; then the final norm and the lm head."""
+    config = DALLEBART_PRESETS["tiny"]
+    d, ffn = config.d_model, config.decoder_ffn_dim
+    norms = 4 * d + 2 * d + d + ffn  # LayerNorm_0..3 (two with a scale), GLU's two norms
+    per_layer = 6 * d * d + 3 * d * ffn + norms
+    expected = 4 * (config.decoder_layers * per_layer + d + d * config.decoder_vocab_size)
+    assert dallebart.step_weight_bytes(tiny.params) == expected
+
+
+def test_the_floor_is_weight_bytes_times_positions_over_bandwidth():
+    assert experiment.floor_seconds(800_000_000, 256, 20.0) == pytest.approx(10.24)
+
+
+def test_bandwidth_probe_is_plausible():
+    assert 0.5 < experiment.memory_bandwidth_gbs(probe_bytes=64 << 20, repeats=2) < 5000
+
+
+def test_peak_memory_growth_sees_an_allocation_made_during_the_call():
+    def allocate():
+        block = np.ones(64 << 20, np.uint8)  # 64 MiB, touched
+        return int(block[::4096].sum())
+
+    result, grown = experiment.peak_memory_growth(allocate)
+    assert result == 16384
+    assert 60 << 20 <= grown < 200 << 20
+
+
+def test_buffers_grow_with_images_and_the_conditional_sampler_needs_half(tiny):
+    one, four = (tiny.sampler_buffer_bytes(1, n, "parallel") for n in (1, 4))
+    assert four > 3 * one
+    conditional = tiny.sampler_buffer_bytes(1, 4, "conditional")
+    assert 0.4 * four < conditional < 0.6 * four
+
+
+class FakeEngine:
+    """Buffers of 1 MB per image: the search must find the largest count under the free memory."""
+
+    def __init__(self):
+        self.probed = []
+
+    def sampler_buffer_bytes(self, n_prompts, n_seeds, mode):
+        self.probed.append(n_seeds)
+        return n_seeds * 1_000_000
+
+
+@pytest.mark.parametrize("free, limit, expected", [(37_500_000, 256, 37), (500_000, 8, 0), (10**12, 100, 100),
+                                                   (64_000_000, 64, 64), (65_000_000, 256, 65)])
+def test_largest_fit_bisects_to_the_last_count_that_fits(monkeypatch, free, limit, expected):
+    monkeypatch.setattr(experiment, "free_bytes", lambda: free)
+    engine = FakeEngine()
+    assert experiment.largest_fit(engine, "parallel", limit) == expected
+    assert len(engine.probed) <= 2 * limit.bit_length() + 1
+
+
+def test_serial_steps_have_about_twice_the_products_of_parallel(tiny):
+    counts = {mode: experiment.products_per_step(tiny, mode) for mode in ("serial", "parallel", "conditional")}
+    assert counts["parallel"] == counts["conditional"] > 0
+    assert counts["serial"] >= 2 * counts["parallel"] - 4
+
+
+def test_sweep_rows_follow_the_plan_and_report_progress(tiny):
+    calls = []
+    result = experiment.sweep(tiny, [1, 2], ("serial", "parallel", "conditional"), repeats=1,
+                              progress=lambda done, total, what: calls.append((done, total, what)))
+    assert [(r.mode, r.images) for r in result.rows] == [
+        ("serial", 1), ("parallel", 1), ("conditional", 1), ("serial", 2), ("parallel", 2), ("conditional", 2)]
+    assert [c[0] for c in calls] == list(range(7)) and {c[1] for c in calls} == {6}
+    assert set(result.speedups[2]) == {"parallel vs serial", "conditional vs parallel"}
+    by_key = {(r.mode, r.images): r for r in result.rows}
+    assert result.speedups[2]["parallel vs serial"] == pytest.approx(
+        by_key[("serial", 2)].s_per_call / by_key[("parallel", 2)].s_per_call)
+    table = experiment.markdown(result)
+    assert table.count("\n| conditional |") == 2 and "parallel vs serial" in table
+
+
+def test_sweep_at_scale_one_runs_only_the_conditional_sampler(tiny):
+    result = experiment.sweep(tiny, [1], condition_scale=1.0, repeats=1)
+    assert [r.mode for r in result.rows] == ["conditional"] and result.speedups == {}

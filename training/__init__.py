@@ -1,0 +1,1 @@
+"""Training of the bundled model on synthetic scenes; never imported by the app."""

@@ -1,0 +1,33 @@
+"""Training data: seeded captioned scenes, rendered once and held in memory (a few MB at 64 x 64)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from dalle_space import scenes
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneSet:
+    images: np.ndarray  # uint8 (N, side, side, 3)
+    captions: tuple[str, ...]
+    scenes: tuple[scenes.Scene, ...]
+
+
+def make_scenes(seed: int, n: int, resolution: int, held_out: bool = False) -> SceneSet:
+    """n scenes, their captions and pixels, the same for a seed; training sets never hold a HELD_OUT pair."""
+    rng = np.random.default_rng(seed)
+    drawn, captions = [], []
+    for _ in range(n):
+        scene = scenes.sample_scene(rng, held_out=held_out)
+        drawn.append(scene)
+        captions.append(scenes.caption(scene, rng))
+    images = np.stack([scenes.render(scene, resolution) for scene in drawn])
+    return SceneSet(images, tuple(captions), tuple(drawn))
+
+
+def to_unit(images: np.ndarray) -> np.ndarray:
+    """uint8 pixels as float32 in [0, 1], the range the VQGAN reads and writes."""
+    return images.astype(np.float32) / 255.0
