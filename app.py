@@ -94,6 +94,7 @@ CSS = ".fallback-banner { background: #fff3cd; border: 1px solid #e0b100; border
 engine = load_engine(os.environ.get("DALLE_MODEL", "mini"), os.environ.get("DALLE_DTYPE", "float32"),
                      revision=os.environ.get("DALLE_REVISION") or None)
 engine.warmup()
+print(f"Model {engine.info.model} ({engine.info.dtype}) samples on {engine.info.device}.", flush=True)
 _engine_lock = threading.Lock()  # a cancelled request's worker may still be sampling
 SEED_RANGE = (0, MAX_SEED - engine.max_images)  # leaves room for seed + j on every image
 BENCH_IMAGE_CHOICES = [n for n in (1, 2, 4, 8, 16) if n <= engine.max_images]
@@ -493,8 +494,9 @@ def build_demo() -> gr.Blocks:
             "*Serial* runs the two passes one after the other; *parallel* batches them into one. "
             "Both draw the same images from the same seed; only the time differs."
         )
-        if engine.info.fallback_notice:
-            gr.Markdown(f"⚠️ **{engine.info.fallback_notice}**", elem_classes="fallback-banner")
+        for notice in (engine.info.fallback_notice, engine.info.hardware_notice):
+            if notice:
+                gr.Markdown(f"⚠️ **{notice}**", elem_classes="fallback-banner")
         with gr.Tab("Generate"):
             with gr.Row():
                 with gr.Column():

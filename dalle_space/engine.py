@@ -16,6 +16,7 @@ import logging
 import math
 import numbers
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from . import bundled, checkpoints, dallebart, sampler, text, vqgan
+from . import bundled, checkpoints, dallebart, memory, sampler, text, vqgan
 from .config import DALLEBART_PRESETS, VQGAN_PRESETS, DalleBartConfig, VQGANConfig
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class ModelInfo:
     dtype: str
     device: str
     fallback_notice: str | None = None  # set when the requested model could not be loaded
+    hardware_notice: str | None = None  # set when an NVIDIA GPU is there but JAX samples on the CPU
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +157,17 @@ def check_settings(n_images: int, max_images: int, condition_scale: float, mode:
         raise ValueError(f"The temperature must be a number greater than 0, not {temperature!r}.")
 
 
+def unused_gpu_notice() -> str | None:
+    """A warning when the system shows an NVIDIA GPU but JAX runs on the CPU: the Space installs the CPU build
+    of jaxlib, so a copy of it on GPU hardware would otherwise sample on its CPU without a word."""
+    if jax.default_backend() != "cpu" or not (os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi")):
+        return None
+    notice = ("This machine has an NVIDIA GPU but JAX samples on the CPU (the CPU build of jaxlib is installed): "
+              "install jax[cuda12]==0.10.2 instead of jax==0.10.2 to sample on the GPU.")
+    log.warning(notice)
+    return notice
+
+
 def _device_name() -> str:
     device = jax.devices()[0]
     return f"{device.platform.upper()} ({device.device_kind}) x{jax.device_count()}"
@@ -216,7 +229,8 @@ class Engine:
             vqgan_folder, _ = checkpoints.locate_vqgan(vqgan, vqgan_revision)
             vqgan_config, vqgan_params = checkpoints.load_vqgan(vqgan_folder, dtype=dtype)
             checkpoints.check_pair(config, vqgan_config, vqgan_folder)
-        info = ModelInfo(model=str(model), revision=model_revision, dtype=dtype, device=_device_name())
+        info = ModelInfo(model=str(model), revision=model_revision, dtype=dtype, device=_device_name(),
+                         hardware_notice=unused_gpu_notice())
         return cls(config, params, tokenizer, normalizer, vqgan_config, vqgan_params, info, **kwargs)
 
     @classmethod
@@ -332,15 +346,28 @@ class Engine:
         advance_args = (self.config, self.params, state, contexts, self._warping(3.0, 1.0, None), spec, positions)
         return self._prepare.lower(*prepare_args).compile(), self._advance.lower(*advance_args).compile()
 
-    def sampler_buffer_bytes(self, n_prompts: int, n_seeds: int, mode: str, top_k: int = 50,
-                             use_top_p: bool = False) -> int:
-        """Bytes XLA allocates besides the weights to sample one batch of this shape: the encoder's outputs
-        (loop state, KV caches, contexts), which live through sampling, plus what one sampling chunk adds."""
-        prepare, advance = (c.memory_analysis() for c in self.compile_for_shape(
-            sampler.SamplerSpec(n_prompts, n_seeds, mode, top_k, use_top_p)))
-        # The state is donated: the chunk's outputs reuse its buffers (alias), the rest is new.
-        added = advance.temp_size_in_bytes + advance.output_size_in_bytes - advance.alias_size_in_bytes
-        return prepare.output_size_in_bytes + added
+    def memory_needed(self, n_prompts: int, n_seeds: int, mode: str) -> int:
+        """Bytes a request of this shape allocates besides the loaded weights (estimated from the shapes)."""
+        itemsize = jnp.dtype(dallebart.compute_dtype(self.params)).itemsize
+        n_images = n_prompts * n_seeds
+        needed = memory.sampler_bytes(self.config, n_prompts, n_images, mode, itemsize)
+        if self.vqgan_config is not None:
+            needed += memory.vqgan_bytes(self.vqgan_config, n_images, itemsize)
+        return needed
+
+    def _check_memory(self, spec: sampler.SamplerSpec) -> None:
+        """Refuse, before anything runs, a batch that would not fit in the free memory: on a CPU it would
+        swap or be killed, on a GPU fail halfway. The message names the most images that would fit."""
+        free = memory.free_bytes()
+        needed = self.memory_needed(spec.n_prompts, spec.n_seeds, spec.mode)
+        if needed <= free:
+            return
+        fits = max((n for n in range(1, spec.n_seeds)
+                    if self.memory_needed(spec.n_prompts, n, spec.mode) <= free), default=0)
+        advice = (f"at most {fits * spec.n_prompts} ({fits} per prompt) would fit now" if fits
+                  else "not even one image per prompt fits now; try again later or with fewer prompts")
+        raise ValueError(f"{spec.n_images} images need about {needed / 2**30:.2f} GiB of memory but "
+                         f"{free / 2**30:.2f} GiB are free: {advice}.")
 
     # ------------------------------------------------------------------------------------------------
 
@@ -353,6 +380,7 @@ class Engine:
     def _run(self, input_ids, attention_mask, keys, spec: sampler.SamplerSpec, warping: sampler.Warping,
              progress: ProgressFn | None, preview: bool):
         """(tokens, encode seconds, sample seconds, compile seconds) of one batch."""
+        self._check_memory(spec)
         config = self.config
         start = time.perf_counter()
         args = (config, self.params, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),

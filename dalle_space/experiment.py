@@ -10,14 +10,10 @@ says how much of that limit a row reaches. The page's Benchmark tab, its ``/benc
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
-import gc
-import os
 import re
 import statistics
-import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -25,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import dallebart
+from . import dallebart, memory
 from .engine import Engine, seed_keys
 from .sampler import SamplerSpec
 
@@ -46,6 +42,7 @@ class SweepRow:
     s_per_image: float
     memory_mib: float | None  # peak memory growth of one steady-state call (see ``memory_source``)
     memory_per_image_mib: float | None
+    estimate_mib: float  # the engine's estimate of the sampling buffers (memory.sampler_bytes), to set beside it
     floor_s: float  # weight-streaming floor of the call: step weight bytes x positions / bandwidth
     floor_fraction: float  # floor_s / s_per_call: 1.0 is the machine's limit
 
@@ -96,83 +93,14 @@ def floor_seconds(step_weight_bytes: int, positions: int, bandwidth_gbs: float) 
     return step_weight_bytes * positions / (bandwidth_gbs * 1e9)
 
 
-# ------------------------------------------------------------------------------------------------
-# Memory
-
-
-def _on_accelerator() -> bool:
-    return jax.devices()[0].platform != "cpu"
-
-
-def memory_source() -> str:
-    return "device peak bytes in use" if _on_accelerator() else "process peak RSS growth"
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _release_free_heap() -> None:
-    """Hand memory freed by earlier calls back to the system, so the next call's growth is its own."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc: growth may then include memory an earlier call freed
-        pass
-
-
-def peak_memory_growth(call: Callable[[], Any], poll_s: float = 0.002) -> tuple[Any, float | None]:
-    """``call()``'s result and the peak memory it added, in bytes: on an accelerator the device's peak
-    bytes in use over what was in use before (None when an earlier, larger peak hides it: JAX cannot reset
-    the peak); on the CPU the process's resident memory, polled while the call runs."""
-    if _on_accelerator():
-        device = jax.devices()[0]
-        before = device.memory_stats()
-        result = call()
-        after = device.memory_stats()
-        if after["peak_bytes_in_use"] <= before["peak_bytes_in_use"]:
-            return result, None
-        return result, after["peak_bytes_in_use"] - before["bytes_in_use"]
-    _release_free_heap()
-    baseline = _rss_bytes()
-    peak = baseline
-    done = threading.Event()
-
-    def poll() -> None:
-        nonlocal peak
-        while not done.wait(poll_s):
-            peak = max(peak, _rss_bytes())
-
-    watcher = threading.Thread(target=poll, daemon=True)
-    watcher.start()
-    try:
-        result = call()
-    finally:
-        done.set()
-        watcher.join()
-    return result, max(peak, _rss_bytes()) - baseline
-
-
-def free_bytes() -> int:
-    """Memory a new batch could still take: the device's limit less what is in use, or on the CPU the
-    system's available memory."""
-    if _on_accelerator():
-        stats = jax.devices()[0].memory_stats()
-        return stats["bytes_limit"] - stats["bytes_in_use"]
-    with open("/proc/meminfo") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    return int(fields["MemAvailable"].split()[0]) * 1024
-
-
 def largest_fit(engine: Engine, mode: str, limit: int) -> int:
-    """The most images of one prompt (at most ``limit``) whose sampler buffers, as XLA allocates them,
-    fit in the free memory. Compiles the shapes it probes but never runs them: on a CPU a batch that does
-    not fit would not fail cleanly, it would swap or be killed."""
-    available = free_bytes()
+    """The most images of one prompt (at most ``limit``) that the engine's memory estimate fits in the free
+    memory: the largest request its memory guard would accept now. Nothing is run: on a CPU a batch that
+    does not fit would not fail cleanly, it would swap or be killed."""
+    available = memory.free_bytes()
 
     def fits(images: int) -> bool:
-        return engine.sampler_buffer_bytes(1, images, mode) <= available
+        return engine.memory_needed(1, images, mode) <= available
 
     if not fits(1):
         return 0
@@ -224,16 +152,18 @@ def measure(engine: Engine, mode: str, images: int, condition_scale: float, repe
     times, growth = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        _, grown = peak_memory_growth(call)
+        _, grown = memory.peak_growth(call)
         times.append(time.perf_counter() - start)
         growth.append(grown)
     per_call = statistics.median(times)
-    memory = None if None in growth else max(growth) / 2**20
+    grown_mib = None if None in growth else max(growth) / 2**20
     floor = floor_seconds(dallebart.step_weight_bytes(engine.params), engine.config.image_length,
                           memory_bandwidth_gbs())
+    itemsize = jnp.dtype(dallebart.compute_dtype(engine.params)).itemsize
     return SweepRow(mode=mode, images=images, compile_s=compile_s, s_per_call=per_call,
-                    s_per_image=per_call / images, memory_mib=memory,
-                    memory_per_image_mib=None if memory is None else memory / images,
+                    s_per_image=per_call / images, memory_mib=grown_mib,
+                    memory_per_image_mib=None if grown_mib is None else grown_mib / images,
+                    estimate_mib=memory.sampler_bytes(engine.config, 1, images, mode, itemsize) / 2**20,
                     floor_s=floor, floor_fraction=floor / per_call)
 
 
@@ -268,7 +198,7 @@ def sweep(engine: Engine, images: Sequence[int], modes: Sequence[str] = ("serial
                     if (a, n) in by_key and (b, n) in by_key} for n in images}
     speedups = {n: ratios for n, ratios in speedups.items() if ratios}
     return Sweep(rows=tuple(rows), speedups=speedups, bandwidth_gbs=bandwidth,
-                 step_weight_mb=dallebart.step_weight_bytes(engine.params) / 1e6, memory_source=memory_source(),
+                 step_weight_mb=dallebart.step_weight_bytes(engine.params) / 1e6, memory_source=memory.source(),
                  condition_scale=condition_scale, products_per_step=products, largest_fit=fits,
                  fit_limit=fit_limit)
 
@@ -276,20 +206,21 @@ def sweep(engine: Engine, images: Sequence[int], modes: Sequence[str] = ("serial
 def markdown(result: Sweep) -> str:
     """The sweep as a table (the plots' numbers, for copying and screen readers), then the speed-ups."""
     lines = [
-        "| sampler | images | s / image | s / call | compile s | memory MiB | MiB / image | floor s | of the limit |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| sampler | images | s / image | s / call | compile s | memory MiB | MiB / image | estimate MiB | floor s |"
+        " of the limit |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result.rows:
-        memory = "– | –" if r.memory_mib is None else f"{r.memory_mib:.1f} | {r.memory_per_image_mib:.1f}"
+        measured = "– | –" if r.memory_mib is None else f"{r.memory_mib:.1f} | {r.memory_per_image_mib:.1f}"
         lines.append(f"| {r.mode} | {r.images} | {r.s_per_image:.3g} | {r.s_per_call:.3g} | {r.compile_s:.3g} | "
-                     f"{memory} | {r.floor_s:.3g} | {100 * r.floor_fraction:.0f}% |")
+                     f"{measured} | {r.estimate_mib:.1f} | {r.floor_s:.3g} | {100 * r.floor_fraction:.0f}% |")
     names = list(dict.fromkeys(name for ratios in result.speedups.values() for name in ratios))
     if names:
         lines += ["", "| images | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
         lines += [f"| {n} | " + " | ".join(f"{ratios[k]:.2f}×" if k in ratios else "–" for k in names) + " |"
                   for n, ratios in result.speedups.items()]
     if result.largest_fit:
-        lines += ["", "Largest batch that fits (one prompt, XLA's buffers against free memory, searched up to "
+        lines += ["", "Largest batch that fits (one prompt, the engine's memory estimate against free memory, up to "
                   f"{result.fit_limit}): " + ", ".join(f"{m} {n}" for m, n in result.largest_fit.items()) + "."]
     lines += ["", f"Memory: {result.memory_source}. Floor: {result.step_weight_mb:.3g} MB of decoder weights read "
               f"per step at {result.bandwidth_gbs:.1f} GB/s (measured here). Matrix products in one optimised step: "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib
 import json
+import os
 import time
 import urllib.request
 from concurrent.futures import wait
@@ -250,14 +251,21 @@ def test_app_is_ui_only_and_never_imports_jax():
 
 
 def test_unreachable_hub_falls_back_to_tiny_and_says_so_on_the_page(launch_app, tmp_path):
-    server = launch_app(DALLE_MODEL="mini", HF_HOME=str(tmp_path / "empty-hf-home"))
+    """Also: a machine that shows an NVIDIA GPU (here a stand-in nvidia-smi) while JAX runs on the CPU is named."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
+    (fake_bin / "nvidia-smi").chmod(0o755)
+    server = launch_app(DALLE_MODEL="mini", HF_HOME=str(tmp_path / "empty-hf-home"),
+                        PATH=f"{fake_bin}:{os.environ['PATH']}")
     try:
         components = Client(server.url, verbose=False).config["components"]
     finally:
         server.stop()
     banners = [c for c in components if "fallback-banner" in (c.get("props", {}).get("elem_classes") or [])]
-    assert len(banners) == 1, "no fallback banner on the page"
+    assert len(banners) == 2, "a banner is missing from the page"
     assert "could not be downloaded" in banners[0]["props"]["value"]
+    assert "NVIDIA GPU but JAX samples on the CPU" in banners[1]["props"]["value"]
     model_line = next(c for c in components if c.get("props", {}).get("elem_id") == "model-line")
     assert "Model **tiny**" in model_line["props"]["value"]
 

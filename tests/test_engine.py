@@ -208,3 +208,16 @@ def test_progress_reports_every_chunk_with_previews(tiny):
 def test_generate_argument_errors(tiny, prompts, kwargs, message):
     with pytest.raises(ValueError, match=message):
         tiny.generate(prompts, **kwargs)
+
+
+@pytest.mark.parametrize("device_node, smi, warned", [(True, None, True), (False, "/usr/bin/nvidia-smi", True),
+                                                       (False, None, False)])
+def test_an_nvidia_gpu_unused_by_jax_is_named(monkeypatch, device_node, smi, warned):
+    from dalle_space import engine as engine_module
+
+    monkeypatch.setattr(engine_module.os.path, "exists", lambda path: device_node and path == "/dev/nvidia0")
+    monkeypatch.setattr(engine_module.shutil, "which", lambda name: smi if name == "nvidia-smi" else None)
+    notice = engine_module.unused_gpu_notice()
+    assert (notice is not None) == warned
+    if warned:
+        assert "NVIDIA GPU but JAX samples on the CPU" in notice and "jax[cuda12]==0.10.2" in notice

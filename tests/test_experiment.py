@@ -4,9 +4,10 @@ largest-batch search, product counts, and the sweep's rows, on the bundled tiny 
 import numpy as np
 import pytest
 
-from dalle_space import dallebart, experiment
+from dalle_space import dallebart, experiment, memory
 from dalle_space.config import DALLEBART_PRESETS
 from dalle_space.engine import Engine
+from dalle_space.sampler import SamplerSpec
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +39,15 @@ def test_peak_memory_growth_sees_an_allocation_made_during_the_call():
         block = np.ones(64 << 20, np.uint8)  # 64 MiB, touched
         return int(block[::4096].sum())
 
-    result, grown = experiment.peak_memory_growth(allocate)
+    result, grown = memory.peak_growth(allocate)
     assert result == 16384
     assert 60 << 20 <= grown < 200 << 20
 
 
 def test_buffers_grow_with_images_and_the_conditional_sampler_needs_half(tiny):
-    one, four = (tiny.sampler_buffer_bytes(1, n, "parallel") for n in (1, 4))
+    one, four = (_xla_sampler_bytes(tiny, 1, n, "parallel") for n in (1, 4))
     assert four > 3 * one
-    conditional = tiny.sampler_buffer_bytes(1, 4, "conditional")
+    conditional = _xla_sampler_bytes(tiny, 1, 4, "conditional")
     assert 0.4 * four < conditional < 0.6 * four
 
 
@@ -56,7 +57,7 @@ class FakeEngine:
     def __init__(self):
         self.probed = []
 
-    def sampler_buffer_bytes(self, n_prompts, n_seeds, mode):
+    def memory_needed(self, n_prompts, n_seeds, mode):
         self.probed.append(n_seeds)
         return n_seeds * 1_000_000
 
@@ -64,7 +65,7 @@ class FakeEngine:
 @pytest.mark.parametrize("free, limit, expected", [(37_500_000, 256, 37), (500_000, 8, 0), (10**12, 100, 100),
                                                    (64_000_000, 64, 64), (65_000_000, 256, 65)])
 def test_largest_fit_bisects_to_the_last_count_that_fits(monkeypatch, free, limit, expected):
-    monkeypatch.setattr(experiment, "free_bytes", lambda: free)
+    monkeypatch.setattr(memory, "free_bytes", lambda: free)
     engine = FakeEngine()
     assert experiment.largest_fit(engine, "parallel", limit) == expected
     assert len(engine.probed) <= 2 * limit.bit_length() + 1
@@ -94,3 +95,46 @@ def test_sweep_rows_follow_the_plan_and_report_progress(tiny):
 def test_sweep_at_scale_one_runs_only_the_conditional_sampler(tiny):
     result = experiment.sweep(tiny, [1], condition_scale=1.0, repeats=1)
     assert [r.mode for r in result.rows] == ["conditional"] and result.speedups == {}
+
+
+def _xla_sampler_bytes(engine, n_prompts, n_seeds, mode) -> int:
+    """What XLA allocates besides the weights to sample a batch: the encoder's outputs (state, KV caches,
+    contexts), live through sampling, plus what one chunk adds (its outputs reuse the donated state)."""
+    prepare, advance = (c.memory_analysis() for c in engine.compile_for_shape(
+        SamplerSpec(n_prompts, n_seeds, mode, 50, False)))
+    added = advance.temp_size_in_bytes + advance.output_size_in_bytes - advance.alias_size_in_bytes
+    return prepare.output_size_in_bytes + added
+
+
+@pytest.mark.parametrize("mode", ["parallel", "serial", "conditional"])
+@pytest.mark.parametrize("n_prompts, n_seeds", [(1, 1), (1, 4), (2, 8)])
+def test_the_memory_estimate_is_within_a_quarter_of_xlas_buffers(tiny, mode, n_prompts, n_seeds):
+    estimate = memory.sampler_bytes(tiny.config, n_prompts, n_prompts * n_seeds, mode, 4)
+    assert estimate == pytest.approx(_xla_sampler_bytes(tiny, n_prompts, n_seeds, mode), rel=0.25)
+
+
+@pytest.mark.parametrize("n_images", [1, 4])
+def test_the_vqgan_estimate_is_within_a_quarter_of_xlas_buffers(tiny, n_images):
+    import jax
+
+    from dalle_space import vqgan
+
+    codes = jax.ShapeDtypeStruct((n_images, tiny.vqgan_config.grid_side ** 2), np.int32)
+    compiled = jax.jit(vqgan.decode_codes, static_argnums=0).lower(tiny.vqgan_config, tiny.vqgan_params,
+                                                                  codes).compile().memory_analysis()
+    xla = compiled.temp_size_in_bytes + compiled.output_size_in_bytes
+    assert memory.vqgan_bytes(tiny.vqgan_config, n_images, 4) == pytest.approx(xla, rel=0.25)
+
+
+def test_a_request_that_would_not_fit_is_refused_with_the_count_that_would(tiny, monkeypatch):
+    needed = {n: tiny.memory_needed(1, n, "parallel") for n in (2, 3)}
+    monkeypatch.setattr(memory, "free_bytes", lambda: needed[2] + 1)
+    misses = tiny.cache_info().misses
+    with pytest.raises(ValueError, match=r"^3 images need about .* GiB of memory but .* GiB are free: "
+                                         r"at most 2 \(2 per prompt\) would fit now\.$"):
+        tiny.generate(["a red bicycle"], n_seeds=3, condition_scale=3.0)
+    assert tiny.cache_info().misses == misses  # refused before anything compiled or ran
+    assert tiny.generate(["a red bicycle"], n_seeds=2, condition_scale=3.0).images.shape[0] == 2
+    monkeypatch.setattr(memory, "free_bytes", lambda: 1000)
+    with pytest.raises(ValueError, match="not even one image per prompt fits now"):
+        tiny.generate(["a red bicycle"], condition_scale=3.0)

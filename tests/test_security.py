@@ -128,3 +128,8 @@ def test_the_fallback_banner_is_one_short_sentence(client):
     assert "Traceback" not in text and "\n" not in text and "Error" not in text
     assert len(text) <= 200, f"{len(text)} characters: {text}"
     assert text.count(". ") == 0 and text.endswith("."), text
+
+
+def test_the_log_names_the_device_that_samples(server, client):
+    client.config  # served: start-up has finished
+    assert "Model tiny (float32) samples on CPU (cpu) x1." in server.log_tail(100_000)
