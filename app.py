@@ -53,7 +53,7 @@ TIMING_ROWS = [
 ]
 
 BENCH_REPEATS_RANGE = (1, 5)
-FIT_LIMIT_RANGE = (0, 256)  # each probe compiles a shape: bounded so one request stays short
+FIT_LIMIT_RANGE = (0, 256)  # a search on the memory estimate: nothing runs, but a bound keeps the answer readable
 
 BENCHMARK_INTRO = (
     "Run the experiment behind this Space on this machine and the loaded model: for one prompt and each "
@@ -95,7 +95,7 @@ engine = load_engine(os.environ.get("DALLE_MODEL", "mini"), os.environ.get("DALL
                      revision=os.environ.get("DALLE_REVISION") or None)
 engine.warmup()
 print(f"Model {engine.info.model} ({engine.info.dtype}) samples on {engine.info.device}.", flush=True)
-_engine_lock = threading.Lock()  # a cancelled request's worker may still be sampling
+_engine_lock = threading.Lock()  # an abandoned request's worker holds it until its next progress report
 SEED_RANGE = (0, MAX_SEED - engine.max_images)  # leaves room for seed + j on every image
 BENCH_IMAGE_CHOICES = [n for n in (1, 2, 4, 8, 16) if n <= engine.max_images]
 
@@ -539,7 +539,7 @@ def build_demo() -> gr.Blocks:
                                               info="After one untimed warm-up call; the median counts.")
                     bench_fit = gr.Number(0, label="Search the largest batch up to", precision=0,
                                           minimum=FIT_LIMIT_RANGE[0], maximum=FIT_LIMIT_RANGE[1],
-                                          info="0: no search. Compiles, never runs, the shapes it tries.")
+                                          info="0: no search. The memory guard's estimate against free memory; nothing runs.")
                     bench_run = gr.Button("Run benchmark", variant="primary")
                 with gr.Column(scale=2):
                     time_plot = gr.LinePlot(x="images", y="s / image", color="sampler", title="Seconds per image",
