@@ -355,6 +355,12 @@ class Engine:
             needed += memory.vqgan_bytes(self.vqgan_config, n_images, itemsize)
         return needed
 
+    def most_images_that_fit(self, n_prompts: int, mode: str, limit: int) -> int:
+        """The most images per prompt, up to ``limit``, whose estimated buffers fit in the free memory now
+        (0 when not even one does): what the memory guard would accept."""
+        free = memory.free_bytes()
+        return max((n for n in range(1, limit + 1) if self.memory_needed(n_prompts, n, mode) <= free), default=0)
+
     def _check_memory(self, spec: sampler.SamplerSpec) -> None:
         """Refuse, before anything runs, a batch that would not fit in the free memory: on a CPU it would
         swap or be killed, on a GPU fail halfway. The message names the most images that would fit."""
@@ -362,8 +368,7 @@ class Engine:
         needed = self.memory_needed(spec.n_prompts, spec.n_seeds, spec.mode)
         if needed <= free:
             return
-        fits = max((n for n in range(1, spec.n_seeds)
-                    if self.memory_needed(spec.n_prompts, n, spec.mode) <= free), default=0)
+        fits = self.most_images_that_fit(spec.n_prompts, spec.mode, spec.n_seeds - 1)
         advice = (f"at most {fits * spec.n_prompts} ({fits} per prompt) would fit now" if fits
                   else "not even one image per prompt fits now; try again later or with fewer prompts")
         raise ValueError(f"{spec.n_images} images need about {needed / 2**30:.2f} GiB of memory but "

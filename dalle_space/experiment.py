@@ -93,29 +93,6 @@ def floor_seconds(step_weight_bytes: int, positions: int, bandwidth_gbs: float) 
     return step_weight_bytes * positions / (bandwidth_gbs * 1e9)
 
 
-def largest_fit(engine: Engine, mode: str, limit: int) -> int:
-    """The most images of one prompt (at most ``limit``) that the engine's memory estimate fits in the free
-    memory: the largest request its memory guard would accept now. Nothing is run: on a CPU a batch that
-    does not fit would not fail cleanly, it would swap or be killed."""
-    available = memory.free_bytes()
-
-    def fits(images: int) -> bool:
-        return engine.memory_needed(1, images, mode) <= available
-
-    if not fits(1):
-        return 0
-    low, high = 1, 1
-    while high < limit and fits(min(2 * high, limit)):
-        low = high = min(2 * high, limit)
-    if high >= limit:
-        return limit
-    high = min(2 * high, limit)  # low fits, high does not
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
-    return low
-
-
 def products_per_step(engine: Engine, mode: str) -> int:
     """Matrix products (HLO ``dot`` operations, fused ones included) in one image position of the
     optimised sampler: whether the compiler keeps serial's two decoder calls apart or merges the
@@ -189,7 +166,7 @@ def sweep(engine: Engine, images: Sequence[int], modes: Sequence[str] = ("serial
         for done, mode in enumerate(modes, len(plan)):
             if progress:
                 progress(done, total, f"largest batch for {mode}, up to {fit_limit}")
-            fits[mode] = largest_fit(engine, mode, fit_limit)
+            fits[mode] = engine.most_images_that_fit(1, mode, fit_limit)
     products = {mode: products_per_step(engine, mode) for mode in modes}
     if progress:
         progress(total, total, "done")

@@ -51,24 +51,11 @@ def test_buffers_grow_with_images_and_the_conditional_sampler_needs_half(tiny):
     assert 0.4 * four < conditional < 0.6 * four
 
 
-class FakeEngine:
-    """Buffers of 1 MB per image: the search must find the largest count under the free memory."""
-
-    def __init__(self):
-        self.probed = []
-
-    def memory_needed(self, n_prompts, n_seeds, mode):
-        self.probed.append(n_seeds)
-        return n_seeds * 1_000_000
-
-
-@pytest.mark.parametrize("free, limit, expected", [(37_500_000, 256, 37), (500_000, 8, 0), (10**12, 100, 100),
-                                                   (64_000_000, 64, 64), (65_000_000, 256, 65)])
-def test_largest_fit_bisects_to_the_last_count_that_fits(monkeypatch, free, limit, expected):
+@pytest.mark.parametrize("fits, limit, expected", [(37, 256, 37), (0, 8, 0), (None, 100, 100), (64, 64, 64)])
+def test_the_largest_batch_is_the_most_images_the_guard_accepts(tiny, monkeypatch, fits, limit, expected):
+    free = 10**15 if fits is None else 1000 if fits == 0 else tiny.memory_needed(1, fits, "parallel") + 1
     monkeypatch.setattr(memory, "free_bytes", lambda: free)
-    engine = FakeEngine()
-    assert experiment.largest_fit(engine, "parallel", limit) == expected
-    assert len(engine.probed) <= 2 * limit.bit_length() + 1
+    assert tiny.most_images_that_fit(1, "parallel", limit) == expected
 
 
 def test_serial_steps_have_about_twice_the_products_of_parallel(tiny):
