@@ -92,6 +92,8 @@ def _shape(pixels: np.ndarray, background_rgb: np.ndarray, labels: np.ndarray, i
     tone = _RGB[_NAMES.index(colour)] - background_rgb
     near = ndimage.binary_dilation(mask, _BLOCK, iterations=2) & ((labels == 0) | mask)
     cover = np.clip(offset @ tone / (tone @ tone), 0.0, 1.0) * near
+    if not cover.any():  # a smeared region (model output) may lean away from its nearest named colour
+        cover = mask.astype(np.float32)
     area = float(cover.sum())
     cx, cy = _centroid(cover)
     scores = {}

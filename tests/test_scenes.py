@@ -176,3 +176,14 @@ def test_check_scores_each_attribute_separately():
     # Right attributes on the wrong shapes: every multiset matches, but not one to one.
     swapped = (judge.Found("red", "star", "big", "left"), judge.Found("white", "circle", "small", "top"))
     assert checks("blue", *swapped) == every - {"all"}
+
+
+def test_the_judge_reads_smeared_model_pictures_without_failing():
+    """Pictures from the first full training run (tests/fixtures/judge): regions whose colour leans away
+    from its nearest named colour once made the coverage empty and the centroid NaN."""
+    from pathlib import Path
+
+    pictures = np.load(Path(__file__).parent / "fixtures" / "judge" / "smeared.npz")
+    for name in pictures.files:
+        verdict = judge.judge(pictures[name])
+        assert verdict.background in scenes.COLOURS and len(verdict.shapes) >= 1
