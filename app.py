@@ -22,6 +22,7 @@ import pandas as pd
 
 from dalle_space import experiment
 from dalle_space.engine import MAX_SEED, Result, load_engine
+from dalle_space.sampler import sampler_mode
 
 MAX_PROMPTS = 4
 # Requests the queue holds beyond the running one; gradio refuses the rest itself ("Queue is full").
@@ -329,7 +330,8 @@ def _timings_markdown(results: list[Result], summary: dict[str, Any]) -> str:
 
 
 def _stage_frame(results: list[Result]) -> pd.DataFrame:
-    """One bar per sampler, stacked by stage: where each request's time went (compilation apart)."""
+    """One bar per sampler, stacked by stage: where each request's time went (compilation, if any, inside
+    the stage it delayed)."""
     return pd.DataFrame([
         {"sampler": r.mode, "stage": label, "seconds": getattr(r.timings, field)}
         for r in results for label, field in STAGE_BARS
@@ -359,7 +361,8 @@ def run_request(request: Request, progress: gr.Progress, previews: bool) -> Iter
     for) or None, and lastly the Outcome. Shared by the page and both API endpoints, which yield in turn so
     that gradio can stop an abandoned request between chunks."""
     results = []
-    modes = request.modes if request.condition_scale != 1 else request.modes[-1:]  # one sampler: see below
+    # The modes that sample differently at this scale: at 1 both become the one conditional sampler.
+    modes = list({sampler_mode(mode, request.condition_scale): mode for mode in request.modes}.values())
     for step, mode in enumerate(modes, 1):
         label = f"{mode}, {step} of {len(modes)}" if len(modes) > 1 else mode
         call = lambda on_progress, mode=mode: engine.generate(  # noqa: E731

@@ -346,13 +346,17 @@ class Engine:
         advance_args = (self.config, self.params, state, contexts, self._warping(3.0, 1.0, None), spec, positions)
         return self._prepare.lower(*prepare_args).compile(), self._advance.lower(*advance_args).compile()
 
-    def memory_needed(self, n_prompts: int, n_seeds: int, mode: str) -> int:
-        """Bytes a request of this shape allocates besides the loaded weights (estimated from the shapes)."""
+    def sampler_bytes(self, n_prompts: int, n_seeds: int, mode: str) -> int:
+        """Bytes sampling a batch of this shape allocates besides the weights (estimated from the shapes)."""
         itemsize = jnp.dtype(dallebart.compute_dtype(self.params)).itemsize
-        n_images = n_prompts * n_seeds
-        needed = memory.sampler_bytes(self.config, n_prompts, n_images, mode, itemsize)
+        return memory.sampler_bytes(self.config, n_prompts, n_prompts * n_seeds, mode, itemsize)
+
+    def memory_needed(self, n_prompts: int, n_seeds: int, mode: str) -> int:
+        """Bytes a request of this shape allocates besides the loaded weights: sampling, then the VQGAN."""
+        needed = self.sampler_bytes(n_prompts, n_seeds, mode)
         if self.vqgan_config is not None:
-            needed += memory.vqgan_bytes(self.vqgan_config, n_images, itemsize)
+            itemsize = jnp.dtype(dallebart.compute_dtype(self.params)).itemsize
+            needed += memory.vqgan_bytes(self.vqgan_config, n_prompts * n_seeds, itemsize)
         return needed
 
     def most_images_that_fit(self, n_prompts: int, mode: str, limit: int) -> int:

@@ -19,18 +19,17 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import dallebart, memory
+from .bench_upstream import prompt_inputs
 from .engine import Engine, seed_keys
-from .sampler import SamplerSpec
+from .sampler import SamplerSpec, sampler_mode
 
 # progress(done, total, what is running now)
 SweepProgress = Callable[[int, int, str], None]
 
 BANDWIDTH_PROBE_BYTES = 1 << 30  # far beyond any last-level cache, so the reduction streams from memory
-PROMPT_TOKENS = (0, *range(5, 19), 2)
-RATIOS = (("parallel", "serial"), ("conditional", "parallel"))  # (a, b): how many times faster a ran than b  # one fixed prompt (BART ids: <s> = 0, </s> = 2), as in the bench
+RATIOS = (("parallel", "serial"), ("conditional", "parallel"))  # (a, b): how many times faster a ran than b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,17 +104,12 @@ def products_per_step(engine: Engine, mode: str) -> int:
 # The sweep
 
 
-def _prompt(engine: Engine) -> tuple[np.ndarray, np.ndarray]:
-    length = engine.config.max_text_length
-    ids = np.ones((1, length), np.int32)
-    ids[0, : len(PROMPT_TOKENS)] = PROMPT_TOKENS
-    return ids, (ids != 1).astype(np.int32)
-
-
-def measure(engine: Engine, mode: str, images: int, condition_scale: float, repeats: int = 2,
+def measure(engine: Engine, mode: str, images: int, condition_scale: float, floor_s: float, repeats: int = 2,
             seed: int = 0) -> SweepRow:
-    """One row: compile (if this shape is new) and one warm call, then ``repeats`` timed calls."""
-    ids, mask = _prompt(engine)
+    """One row: compile (if this shape is new) and one warm call, then ``repeats`` timed calls of the one
+    fixed prompt the upstream benchmark also samples."""
+    prompt = prompt_inputs(1, engine.config.max_text_length)
+    ids, mask = prompt["input_ids"], prompt["attention_mask"]
     keys = seed_keys(range(seed, seed + images))
     scale = 1.0 if mode == "conditional" else condition_scale
 
@@ -134,14 +128,11 @@ def measure(engine: Engine, mode: str, images: int, condition_scale: float, repe
         growth.append(grown)
     per_call = statistics.median(times)
     grown_mib = None if None in growth else max(growth) / 2**20
-    floor = floor_seconds(dallebart.step_weight_bytes(engine.params), engine.config.image_length,
-                          memory_bandwidth_gbs())
-    itemsize = jnp.dtype(dallebart.compute_dtype(engine.params)).itemsize
     return SweepRow(mode=mode, images=images, compile_s=compile_s, s_per_call=per_call,
                     s_per_image=per_call / images, memory_mib=grown_mib,
                     memory_per_image_mib=None if grown_mib is None else grown_mib / images,
-                    estimate_mib=memory.sampler_bytes(engine.config, 1, images, mode, itemsize) / 2**20,
-                    floor_s=floor, floor_fraction=floor / per_call)
+                    estimate_mib=engine.sampler_bytes(1, images, mode) / 2**20,
+                    floor_s=floor_s, floor_fraction=floor_s / per_call)
 
 
 def sweep(engine: Engine, images: Sequence[int], modes: Sequence[str] = ("serial", "parallel"),
@@ -150,16 +141,17 @@ def sweep(engine: Engine, images: Sequence[int], modes: Sequence[str] = ("serial
     """Every mode at every image count, the modes of one count back to back so their ratio is measured
     side by side. At condition scale 1 only the conditional sampler runs: there is no unconditional
     pass to parallelise. ``fit_limit`` also searches each mode's largest batch up to that bound."""
-    if condition_scale == 1.0:
-        modes = ("conditional",)
+    modes = tuple(dict.fromkeys(sampler_mode(mode, condition_scale) for mode in modes))
     bandwidth = memory_bandwidth_gbs()
+    step_bytes = dallebart.step_weight_bytes(engine.params)
+    floor = floor_seconds(step_bytes, engine.config.image_length, bandwidth)
     plan = [(n, mode) for n in images for mode in modes]
     total = len(plan) + (len(modes) if fit_limit else 0)
     rows = []
     for done, (n, mode) in enumerate(plan):
         if progress:
             progress(done, total, f"{mode}, {n} image{'s' * (n > 1)}")
-        rows.append(measure(engine, mode, n, condition_scale, repeats))
+        rows.append(measure(engine, mode, n, condition_scale, floor, repeats))
     fits = None
     if fit_limit:
         fits = {}
@@ -175,7 +167,7 @@ def sweep(engine: Engine, images: Sequence[int], modes: Sequence[str] = ("serial
                     if (a, n) in by_key and (b, n) in by_key} for n in images}
     speedups = {n: ratios for n, ratios in speedups.items() if ratios}
     return Sweep(rows=tuple(rows), speedups=speedups, bandwidth_gbs=bandwidth,
-                 step_weight_mb=dallebart.step_weight_bytes(engine.params) / 1e6, memory_source=memory.source(),
+                 step_weight_mb=step_bytes / 1e6, memory_source=memory.source(),
                  condition_scale=condition_scale, products_per_step=products, largest_fit=fits,
                  fit_limit=fit_limit)
 

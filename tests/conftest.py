@@ -1,4 +1,5 @@
-"""Shared fixtures: the app started the way the README says (``python app.py``), on a free local port."""
+"""Shared fixtures: the app started the way the README says (``python app.py``), on a free local port, and
+the tokens-only engine on the upstream fixture weights."""
 
 from __future__ import annotations
 
@@ -54,6 +55,19 @@ def _wait_until_serving(server: AppServer) -> None:
         except OSError:
             time.sleep(0.25)
     pytest.fail(f"app.py did not serve {server.url} within {STARTUP_LIMIT_S} s:\n{server.log_tail()}")
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """Tokens-only engine on the upstream fixture weights, at most 8 images (the fixture has no tokenizer
+    files; the bundled tokenizer shares BART's special ids, which is all sample_tokens uses)."""
+    from dalle_space import bundled, checkpoints, text
+    from dalle_space.engine import Engine, ModelInfo
+
+    config, params = checkpoints.load_dallebart(REPO / "tests" / "fixtures" / "dallebart-tiny")
+    tokenizer = text.load_tokenizer(bundled.build_dallebart(bundled.cache_dir()))
+    info = ModelInfo("dallebart-tiny fixture", None, "float32", "cpu")
+    return Engine(config, params, tokenizer, None, None, None, info, max_images=8)
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dalle_space import bundled, checkpoints, text
-from dalle_space.engine import PROGRESS_CHUNKS, Engine, ModelInfo, seed_keys
+from dalle_space import text
+from dalle_space.engine import PROGRESS_CHUNKS, Engine, seed_keys
 
 FIXTURE = Path(__file__).parent / "fixtures" / "dallebart-tiny"
 
@@ -16,16 +16,6 @@ FIXTURE = Path(__file__).parent / "fixtures" / "dallebart-tiny"
 @pytest.fixture(scope="module")
 def expected():
     return dict(np.load(FIXTURE / "expected.npz"))
-
-
-@pytest.fixture(scope="module")
-def engine():
-    """Tokens-only engine on the upstream fixture weights (the fixture has no tokenizer files; the
-    bundled tokenizer shares BART's special ids, which is all sample_tokens uses)."""
-    config, params = checkpoints.load_dallebart(FIXTURE)
-    tokenizer = text.load_tokenizer(bundled.build_dallebart(bundled.cache_dir()))
-    info = ModelInfo("dallebart-tiny fixture", None, "float32", "cpu")
-    return Engine(config, params, tokenizer, None, None, None, info, max_images=8)
 
 
 @pytest.fixture(scope="module")

@@ -67,9 +67,17 @@ def wait_for_sampling(job, limit_s: float = 120.0) -> None:
         time.sleep(0.02)
 
 
+def seconds_to_serve_the_next_request(client) -> float:
+    """How long a small request takes to come back, queue wait included; it must succeed."""
+    start = time.monotonic()
+    images, _ = client.predict(**GOOD, api_name="/generate")
+    assert len(images) == 1
+    return time.monotonic() - start
+
+
 def test_a_client_that_disconnects_mid_request_does_not_wedge_the_queue(server, client, big_request_s):
-    """The client process dies while its job samples. Gradio finishes the job anyway (its result goes
-    nowhere), so the next request waits for that job's remaining work, and no longer."""
+    """The client process dies while its job samples: gradio closes the job's generator, its worker stops at
+    the next chunk, and the next request waits at most for that, well under the big request's time."""
     child = (
         "import sys, time\n"
         "from gradio_client import Client\n"
@@ -85,25 +93,19 @@ def test_a_client_that_disconnects_mid_request_does_not_wedge_the_queue(server, 
     finally:
         process.kill()
         process.wait()
-    start = time.monotonic()
-    images, _ = client.predict(**GOOD, api_name="/generate")
-    waited = time.monotonic() - start
+    waited = seconds_to_serve_the_next_request(client)
     print(f"\nnext request after a disconnect: {waited:.2f} s (the big request alone: {big_request_s:.2f} s)")
-    assert len(images) == 1
     assert waited < big_request_s + SLACK_S
 
 
 def test_a_cancelled_request_frees_the_queue(client, big_request_s):
     """job.cancel(): gradio frees the queue slot at once; the next request runs as soon as the cancelled
-    one's current sampler pass ends."""
+    one's worker reaches its next chunk."""
     job = client.submit(**BIG, api_name="/generate")
     wait_for_sampling(job)
     job.cancel()
-    start = time.monotonic()
-    images, _ = client.predict(**GOOD, api_name="/generate")
-    waited = time.monotonic() - start
+    waited = seconds_to_serve_the_next_request(client)
     print(f"\nnext request after a cancel: {waited:.2f} s")
-    assert len(images) == 1
     assert waited < big_request_s + SLACK_S
     deadline = time.monotonic() + 30
     while job.status().code != Status.CANCELLED:

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dalle_space import bundled, checkpoints, text
-from dalle_space.engine import Engine, ModelInfo, seed_keys
+from dalle_space import bundled, text
+from dalle_space.engine import Engine, seed_keys
 
 FIXTURE = Path(__file__).parent / "fixtures" / "dallebart-tiny"
 
@@ -27,16 +27,6 @@ FIXTURE = Path(__file__).parent / "fixtures" / "dallebart-tiny"
 @pytest.fixture(scope="module")
 def more():
     return dict(np.load(FIXTURE / "expected_more.npz"))
-
-
-@pytest.fixture(scope="module")
-def engine():
-    """Tokens-only engine on the upstream fixture weights (prompts come as ids; the bundled tokenizer only
-    supplies BART's special ids for the empty prompt)."""
-    config, params = checkpoints.load_dallebart(FIXTURE)
-    tokenizer = text.load_tokenizer(bundled.build_dallebart(bundled.cache_dir()))
-    info = ModelInfo("dallebart-tiny fixture", None, "float32", "cpu")
-    return Engine(config, params, tokenizer, None, None, None, info, max_images=8)
 
 
 def _settings(values, vocab: int) -> dict:
