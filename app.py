@@ -20,9 +20,9 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from dalle_space import experiment
+from dalle_space import bundled, experiment
 from dalle_space.engine import MAX_SEED, Result, load_engine
-from dalle_space.sampler import sampler_mode
+from dalle_space.sampler import DEFAULT_CONDITION_SCALE, sampler_mode
 
 MAX_PROMPTS = 4
 # Requests the queue holds beyond the running one; gradio refuses the rest itself ("Queue is full").
@@ -77,7 +77,7 @@ into one call on 2N rows; *serial* makes two calls on N rows, as upstream dalle-
   table before explaining a GPU figure. At large batches the step turns compute-bound and both modes do
   the same arithmetic, so the gap narrows.
 - **Condition scale 1** needs no unconditional pass at all: one call on N rows (the *conditional* sampler).
-- **On the bundled tiny model** (what runs offline) a step reads under 1 MB of weights: fixed overheads per step
+- **On the bundled tiny model** (what runs offline) a step reads under 2 MB of weights: fixed overheads per step
   dominate and the two samplers time about the same, either way round. The gap shows on mini and mega.
 
 Figures measured on this project's machines are in `docs/benchmarks.md`.
@@ -90,6 +90,12 @@ EXAMPLES = [
     ["a red bicycle leaning against a brick wall", 10, 2, "compare"],
     ["sunset over snowy mountains, oil painting", 10, 1, "parallel"],
     ["an armchair in the shape of an avocado\na lighthouse on a cliff at night", 7.5, 1, "serial"],
+]
+# The bundled tiny model knows only the words of its training scenes: examples it can draw, same settings.
+TINY_EXAMPLES = [
+    [bundled.PROMPTS[0], 10, 2, "compare"],
+    [bundled.PROMPTS[1], 10, 1, "parallel"],
+    ["\n".join(bundled.PROMPTS[2:]), 7.5, 1, "serial"],
 ]
 
 CSS = ".fallback-banner { background: #fff3cd; border: 1px solid #e0b100; border-radius: 8px; padding: 0 12px; }"
@@ -492,6 +498,7 @@ def _model_line() -> str:
 
 
 def build_demo() -> gr.Blocks:
+    examples = TINY_EXAMPLES if engine.info.model == "tiny" else EXAMPLES
     with gr.Blocks(title="DALL·E mini: serial vs parallel super-conditioning") as demo:
         gr.Markdown(
             "# DALL·E mini: serial vs parallel super-conditioning\n"
@@ -508,10 +515,11 @@ def build_demo() -> gr.Blocks:
                     prompt = gr.Textbox(
                         label="Prompts",
                         info=f"One per line, up to {MAX_PROMPTS}.",
-                        placeholder="a red bicycle leaning against a brick wall",
+                        placeholder=examples[0][0],
                         lines=3,
                     )
-                    condition_scale = gr.Slider(*SCALE_RANGE, value=10, step=0.5, label="Condition scale")
+                    condition_scale = gr.Slider(*SCALE_RANGE, value=DEFAULT_CONDITION_SCALE, step=0.5,
+                                                label="Condition scale")
                     n_seeds = gr.Slider(1, engine.max_images, value=1, step=1, label="Images per prompt")
                     sampler = gr.Radio(SAMPLERS, value="parallel", label="Sampler")
                     with gr.Accordion("Advanced", open=False):
@@ -531,7 +539,7 @@ def build_demo() -> gr.Blocks:
                     with gr.Accordion("Timings as JSON", open=False):
                         timings_json = gr.JSON(label="Timings (JSON)")
             gr.Markdown(_model_line(), elem_id="model-line")
-            gr.Examples(EXAMPLES, inputs=[prompt, condition_scale, n_seeds, sampler], cache_examples=False)
+            gr.Examples(examples, inputs=[prompt, condition_scale, n_seeds, sampler], cache_examples=False)
         with gr.Tab("Benchmark"):
             gr.Markdown(BENCHMARK_INTRO)
             with gr.Row():

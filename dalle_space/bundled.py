@@ -1,76 +1,28 @@
-"""The bundled ``tiny`` model: DalleBart + VQGAN checkpoints with random weights, written offline in the
-hub's folder format so that the offline path runs the same loading code as the real models.
+"""The bundled ``tiny`` model: a DalleBart and a VQGAN trained on the synthetic scenes of ``scenes.py``
+(training/), shipped inside the package in the hub's folder format, so that it works offline and loads through
+the same code as the real models.
 
-Everything is generated deterministically from fixed seeds and cached; a folder appears only once
-complete (written beside it, then renamed), so concurrent processes never read half a checkpoint.
+It knows only the words of its scenes' captions, so the page offers prompts in them and says what it draws.
+Shipping another training run is a copy of its two folders over these, then ``--only more`` of
+tests/fixtures/make_upstream_fixtures.py, whose text rows are sampled from this model.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable
 
-import jax
-import numpy as np
-from flax.serialization import msgpack_serialize
+FOLDER = Path(__file__).parent / "models" / "tiny"
+DALLEBART = FOLDER / "dallebart"  # config.json, flax_model.msgpack and tokenizer files
+VQGAN = FOLDER / "vqgan"  # config.json and flax_model.msgpack
 
-from .config import DALLEBART_PRESETS, VQGAN_PRESETS
+# Captions as the scenes are captioned (size, colour, shape, position, background), of colour-shape pairs
+# seen in training.
+PROMPTS: tuple[str, ...] = (
+    "a big red square in the centre on a blue background",
+    "a white background with two small yellow stars on the left and on the right",
+    "a small orange triangle at the bottom on a purple background",
+    "a big green circle in the top right, black background",
+)
 
-# Bump when what is written changes, so stale caches are not reused.
-_FORMAT = 1
-_SEED = 0
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("DALLE_SPACE_CACHE") or Path.home() / ".cache" / "dalle-space"
-    return Path(root) / f"tiny-v{_FORMAT}"
-
-
-def _write_once(folder: Path, fill: Callable[[Path], None]) -> Path:
-    if folder.is_dir():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
-        fill(scratch)
-        os.replace(scratch, folder)
-    except OSError:
-        if not folder.is_dir():  # a failure other than losing the race to another process
-            raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return folder
-
-
-def _write_checkpoint(folder: Path, config: dict, params) -> None:
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    (folder / "flax_model.msgpack").write_bytes(msgpack_serialize(jax.tree_util.tree_map(np.asarray, params)))
-
-
-def build_dallebart(root: Path) -> Path:
-    """The tiny DalleBart folder: config.json, flax_model.msgpack and tokenizer files."""
-    from . import dallebart, text
-
-    config = DALLEBART_PRESETS["tiny"]
-
-    def fill(folder: Path) -> None:
-        _write_checkpoint(folder, config.to_dict(), dallebart.init_params(config, _SEED))
-        text.write_tiny_tokenizer(folder, vocab_size=config.encoder_vocab_size)
-
-    return _write_once(root / "dallebart", fill)
-
-
-def build_vqgan(root: Path) -> Path:
-    """The tiny VQGAN folder: config.json and flax_model.msgpack."""
-    from . import vqgan
-
-    config = VQGAN_PRESETS["tiny"]
-
-    def fill(folder: Path) -> None:
-        _write_checkpoint(folder, config.to_dict(), vqgan.init_params(config, _SEED))
-
-    return _write_once(root / "vqgan", fill)
+# What it draws, said after "it draws" (one sentence on the page; tests hold it to scenes.py's vocabulary).
+DRAWS = "one to three circles, squares, triangles or stars in eight colours on a plain background"

@@ -1,5 +1,5 @@
 """Loading DalleBart and VQGAN checkpoints as they are published: a hub id, a local folder in hub format,
-or a preset name (``mini``, ``mega``, ``f16_16384`` from the hub; ``tiny``, bundled and built offline).
+or a preset name (``mini``, ``mega``, ``f16_16384`` from the hub; ``tiny``, bundled in the package).
 
 Both layouts upstream writes load: stacked layers (``use_scan``) as they are, one subtree per layer
 (after upstream's ``unscan``) stacked on read. The tree is checked against the config before anything is
@@ -15,7 +15,7 @@ import functools
 import json
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,10 +57,10 @@ class HubUnavailableError(CheckpointError):
 
 
 def _locate(source: str | Path, revision: str | None, hub: dict[str, tuple[str, str | None]],
-            files: tuple[str, ...], build_bundled: Callable[[Path], Path]) -> tuple[Path, str | None]:
+            files: tuple[str, ...], bundled_folder: Path) -> tuple[Path, str | None]:
     source = str(source)
     if source == "tiny":
-        return build_bundled(bundled.cache_dir()), "bundled"
+        return bundled_folder, "bundled"
     if Path(source).is_dir():
         return Path(source), revision
     if source not in hub and (source.count("/") != 1 or source.startswith((".", "/"))):
@@ -99,12 +99,12 @@ def _download(repo_id: str, revision: str | None, files: tuple[str, ...]) -> tup
 
 def locate_dallebart(source: str | Path = "mini", revision: str | None = None) -> tuple[Path, str | None]:
     """The local folder of a DalleBart checkpoint (downloaded if needed) and its revision."""
-    return _locate(source, revision, DALLEBART_HUB, DALLEBART_FILES, bundled.build_dallebart)
+    return _locate(source, revision, DALLEBART_HUB, DALLEBART_FILES, bundled.DALLEBART)
 
 
 def locate_vqgan(source: str | Path = "f16_16384", revision: str | None = None) -> tuple[Path, str | None]:
     """The local folder of a VQGAN checkpoint (downloaded if needed) and its revision."""
-    return _locate(source, revision, VQGAN_HUB, VQGAN_FILES, bundled.build_vqgan)
+    return _locate(source, revision, VQGAN_HUB, VQGAN_FILES, bundled.VQGAN)
 
 
 def dtype_of(name: str):

@@ -148,10 +148,11 @@ def _special_ids(start: int, end: int) -> dict[str, int]:
 
 
 DALLEBART_PRESETS: dict[str, DalleBartConfig] = {
-    # Small enough to generate, load and sample in seconds on a CPU; bundled offline model.
+    # The bundled model (dalle_space/models/tiny), trained on synthetic scenes: loads and samples in seconds
+    # on a CPU.
     "tiny": DalleBartConfig(
-        d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+        d_model=128, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256,
         encoder_vocab_size=1000, image_vocab_size=256, **_special_ids(256, 256),
     ),
     # hub dalle-mini/dalle-mini (wandb artifact mini-1:v0)
@@ -165,8 +166,10 @@ DALLEBART_PRESETS: dict[str, DalleBartConfig] = {
 }
 
 VQGAN_PRESETS: dict[str, VQGANConfig] = {
-    # 16 x 16 codes from a 256-entry codebook, decoded to 64 x 64 pixels.
-    "tiny": VQGANConfig(ch=32, ch_mult=(1, 1, 2), resolution=64, z_channels=32, embed_dim=32, n_embed=256),
+    # The bundled model's: 16 x 16 codes from a 256-entry codebook, decoded to 64 x 64 pixels; one resnet block
+    # per level and attention only in the middle, to train in budget on a CPU.
+    "tiny": VQGANConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, attn_resolutions=(), resolution=64,
+                        z_channels=32, embed_dim=32, n_embed=256),
     # hub dalle-mini/vqgan_imagenet_f16_16384
     "f16_16384": VQGANConfig(),
 }

@@ -123,7 +123,7 @@ class CompiledCache:
 
 def enable_persistent_compilation_cache() -> None:
     """Keep XLA executables on disk, so a restarted Space compiles its samplers in a fraction of the time."""
-    folder = Path(os.environ.get("DALLE_SPACE_CACHE") or bundled.cache_dir().parent) / "jax-compilation"
+    folder = Path(os.environ.get("DALLE_SPACE_CACHE") or Path.home() / ".cache" / "dalle-space") / "jax-compilation"
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
@@ -240,7 +240,7 @@ class Engine:
         enable_persistent_compilation_cache()
         config = DALLEBART_PRESETS[preset]
         params = dallebart.init_params(config, seed, checkpoints.dtype_of(dtype), runtime=True)
-        tokenizer = text.load_tokenizer(bundled.build_dallebart(bundled.cache_dir()))
+        tokenizer = text.load_tokenizer(bundled.DALLEBART)
         info = ModelInfo(model=f"{preset} (random weights)", revision=None, dtype=dtype, device=_device_name())
         return cls(config, params, tokenizer, None, None, None, info, **kwargs)
 
@@ -266,10 +266,10 @@ class Engine:
             if self._decode is not None:
                 self._images(tokens)
 
-    def generate(self, prompts: Sequence[str], n_seeds: int = 1, condition_scale: float = 10.0,
-                 mode: str = "parallel", seed: int = 0, top_k: int = 50, top_p: float | None = None,
-                 temperature: float = 1.0, progress: ProgressFn | None = None,
-                 preview: bool = False) -> Result:
+    def generate(self, prompts: Sequence[str], n_seeds: int = 1,
+                 condition_scale: float = sampler.DEFAULT_CONDITION_SCALE, mode: str = "parallel",
+                 seed: int = 0, top_k: int = 50, top_p: float | None = None, temperature: float = 1.0,
+                 progress: ProgressFn | None = None, preview: bool = False) -> Result:
         """Images for every prompt: ``n_seeds`` each, image j of every prompt with seed ``seed + j``."""
         start = time.perf_counter()
         if isinstance(prompts, str):
@@ -319,7 +319,8 @@ class Engine:
                       prompt_index=tuple(i for i in range(len(prompts)) for _ in range(n_seeds)),
                       seeds=tuple(seeds), mode=mode, notices=notices, timings=timings)
 
-    def sample_tokens(self, input_ids, attention_mask, keys, condition_scale: float = 10.0,
+    def sample_tokens(self, input_ids, attention_mask, keys,
+                      condition_scale: float = sampler.DEFAULT_CONDITION_SCALE,
                       mode: str = "parallel", top_k: int = 50, top_p: float | None = None,
                       temperature: float = 1.0, progress: ProgressFn | None = None) -> np.ndarray:
         """Image tokens (N, image_length) for input_ids (P, L) and raw keys (N, 2), prompt-major."""
@@ -446,7 +447,7 @@ def load_engine(model: str = "mini", dtype: str = "float32", revision: str | Non
     except checkpoints.HubUnavailableError as error:
         # The page gets one sentence; the hub's own (long, developer-facing) error goes to the log.
         notice = (f"The model {str(model)[:60]!r} could not be downloaded, so the bundled tiny model runs "
-                  "instead: its random weights draw noise.")
+                  f"instead: it draws only {bundled.DRAWS}.")
         log.warning("%s Reason: %s", notice, error)
         engine = Engine.from_pretrained(model="tiny", dtype=dtype, **kwargs)
         engine.info = dataclasses.replace(engine.info, fallback_notice=notice)

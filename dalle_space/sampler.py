@@ -30,6 +30,8 @@ from .config import DalleBartConfig
 
 Mode = Literal["parallel", "serial", "conditional"]
 MODES: tuple[Mode, ...] = ("parallel", "serial")  # the two ways to guide, which a user picks between
+# The page's and Engine.generate's condition scale, which the adherence measurement also samples at.
+DEFAULT_CONDITION_SCALE = 10.0
 
 # (cond logits, uncond logits or None when unguided) for one step, and the updated caches.
 LogitsFn = Callable[[jax.Array, jax.Array, tuple], tuple[jax.Array, jax.Array | None, tuple]]

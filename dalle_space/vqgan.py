@@ -281,7 +281,7 @@ def param_shapes(config: VQGANConfig, include_encoder: bool = True) -> dict:
 
 
 def init_params(config: VQGANConfig, seed: int) -> dict:
-    """Deterministic random float32 weights for the full tree (offline ``tiny`` model, benchmarks).
+    """Deterministic random float32 weights for the full tree (benchmarks, training's starting point).
 
     Conv kernels are normal with std 1/sqrt(fan_in) and GroupNorms start as identity, so activations
     keep unit scale through the network. The image-producing conv is shrunk and biased to 0.5 so random

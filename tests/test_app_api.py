@@ -5,11 +5,9 @@ from __future__ import annotations
 import ast
 import importlib
 import json
-import os
 import time
 import urllib.request
 from concurrent.futures import wait
-from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -18,6 +16,8 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from gradio_client.utils import QueueError, Status
 from PIL import Image
+
+from dalle_space import bundled
 
 TINY_RESOLUTION = 64
 TIMING_FIELDS = {"tokenize_s", "encode_s", "sample_s", "vqgan_s", "compile_s", "total_s", "per_image_s", "compiled"}
@@ -31,20 +31,10 @@ GOOD = dict(
 )
 
 
-@dataclass
-class FirstRequest:
-    client: Client
-    images: list
-    summary: dict
-    seconds_since_spawn: float
-
-
 @pytest.fixture(scope="module")
-def first_request(app_server) -> FirstRequest:
-    """The server's very first /generate, timed from process spawn; every other test runs after it."""
-    client = Client(app_server.url, verbose=False)
-    images, summary = client.predict(**GOOD, api_name="/generate")
-    return FirstRequest(client, images, summary, time.monotonic() - app_server.started_at)
+def first_request(app_server):
+    """The shared server's very first /generate (conftest's FIRST_REQUEST), timed from process spawn."""
+    return app_server.first_request
 
 
 @pytest.fixture(scope="module")
@@ -250,21 +240,13 @@ def test_app_is_ui_only_and_never_imports_jax():
     assert not {name for name in imported if name.split(".")[0] in {"jax", "jaxlib", "flax"}}
 
 
-def test_unreachable_hub_falls_back_to_tiny_and_says_so_on_the_page(launch_app, tmp_path):
-    """Also: a machine that shows an NVIDIA GPU (here a stand-in nvidia-smi) while JAX runs on the CPU is named."""
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    (fake_bin / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
-    (fake_bin / "nvidia-smi").chmod(0o755)
-    server = launch_app(DALLE_MODEL="mini", HF_HOME=str(tmp_path / "empty-hf-home"),
-                        PATH=f"{fake_bin}:{os.environ['PATH']}")
-    try:
-        components = Client(server.url, verbose=False).config["components"]
-    finally:
-        server.stop()
+def test_unreachable_hub_falls_back_to_tiny_and_says_so_on_the_page(fallback_server):
+    """Also: a machine that shows an NVIDIA GPU (the fallback app has a stand-in nvidia-smi) while JAX runs on the
+    CPU is named."""
+    components = Client(fallback_server.url, verbose=False).config["components"]
     banners = [c for c in components if "fallback-banner" in (c.get("props", {}).get("elem_classes") or [])]
     assert len(banners) == 2, "a banner is missing from the page"
-    assert "could not be downloaded" in banners[0]["props"]["value"]
+    assert "could not be downloaded" in banners[0]["props"]["value"] and bundled.DRAWS in banners[0]["props"]["value"]
     assert "NVIDIA GPU but JAX samples on the CPU" in banners[1]["props"]["value"]
     model_line = next(c for c in components if c.get("props", {}).get("elem_id") == "model-line")
     assert "Model **tiny**" in model_line["props"]["value"]
@@ -273,6 +255,15 @@ def test_unreachable_hub_falls_back_to_tiny_and_says_so_on_the_page(launch_app, 
 def test_no_fallback_banner_when_the_model_loads(client):
     assert not [c for c in client.config["components"]
                 if "fallback-banner" in (c.get("props", {}).get("elem_classes") or [])]
+
+
+def test_the_tiny_models_page_offers_prompts_in_its_vocabulary(client):
+    """It knows only its training scenes' words: its examples and the placeholder are said in them."""
+    components = client.config["components"]
+    examples = next(c for c in components if c["type"] == "dataset")["props"]["samples"]
+    assert [line for example in examples for line in example[0].splitlines()] == list(bundled.PROMPTS)
+    prompt = next(c for c in components if c["props"].get("label") == "Prompts")
+    assert prompt["props"]["placeholder"] == bundled.PROMPTS[0]
 
 
 # ------------------------------------------------------------------------------------------------

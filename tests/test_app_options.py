@@ -1,6 +1,7 @@
-"""The page's options reach the sampler, through gradio_client against ``python app.py`` (bundled tiny
-model): the seed and "Randomise seed", every sampling setting, the page's examples, and the ``compiled``
-flag with the note the page shows for it."""
+"""The page's options reach the sampler, through gradio_client against ``python app.py`` (the bundled tiny
+model with random DalleBart weights, conftest's ``untrained_tiny``, so that every setting moves the images): the
+seed and "Randomise seed", every sampling setting, the page's examples, and the ``compiled`` flag with the note
+the page shows for it."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ BASE = dict(prompt="a red bicycle", condition_scale=10, n_seeds=1, sampler="para
 
 
 @pytest.fixture(scope="module")
-def client(app_server) -> Client:
-    return Client(app_server.url, verbose=False)
+def client(launch_app, untrained_tiny) -> Client:
+    return Client(launch_app(DALLE_MODEL=str(untrained_tiny)).url, verbose=False)
 
 
 def generate(client: Client, **changes):
@@ -93,7 +94,8 @@ def test_samplers_draw_the_same_image(client, base):
 
 
 def _examples() -> list[list]:
-    """app.EXAMPLES, read from the source: importing app would load a second engine here."""
+    """app.EXAMPLES, read from the source: importing app would load a second engine here. The page shows them
+    for any model but the bundled one (test_app_api.py checks that one's)."""
     tree = ast.parse(APP.read_text())
     node = next(n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "EXAMPLES")
     return ast.literal_eval(node.value)

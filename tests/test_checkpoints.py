@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from flax.serialization import msgpack_serialize
 
 from dalle_space import bundled, checkpoints, vqgan
 from dalle_space.config import DALLEBART_PRESETS, VQGAN_PRESETS
@@ -21,7 +22,7 @@ CheckpointError = checkpoints.CheckpointError
 @pytest.fixture(scope="module")
 def tiny() -> Path:
     """The bundled tiny DalleBart: a complete checkpoint with a tokenizer, as the hub publishes them."""
-    return bundled.build_dallebart(bundled.cache_dir())
+    return bundled.DALLEBART
 
 
 @pytest.fixture
@@ -148,7 +149,8 @@ def test_engine_checks_the_tokenizer_and_the_pair(folder, tmp_path):
     vqgan_folder = tmp_path / "vqgan-512"
     vqgan_folder.mkdir()
     config = dataclasses.replace(VQGAN_PRESETS["tiny"], n_embed=512)
-    bundled._write_checkpoint(vqgan_folder, config.to_dict(), vqgan.init_params(config, 0))
+    (vqgan_folder / "config.json").write_text(json.dumps(config.to_dict()))
+    (vqgan_folder / "flax_model.msgpack").write_bytes(msgpack_serialize(vqgan.init_params(config, 0)))
     with pytest.raises(CheckpointError, match=f"^the VQGAN in {vqgan_folder} has 512 codes but the DalleBart model "
                                               "draws 256 "):
         Engine.from_pretrained(folder, vqgan=vqgan_folder)

@@ -108,7 +108,6 @@ jax.jit(lambda x: 2 * x + 1).lower(jnp.ones(3)).compile()
 def test_loading_an_engine_turns_on_the_persistent_cache_under_dalle_space_cache(tmp_path):
     """After ``Engine.from_pretrained`` every compiled executable lands in ``$DALLE_SPACE_CACHE/jax-compilation``,
     which is what makes a restarted app skip recompiling its samplers."""
-    shutil.copytree(bundled.build_dallebart(bundled.cache_dir()), tmp_path / bundled.cache_dir().name / "dallebart")
     env = {**os.environ, "DALLE_SPACE_CACHE": str(tmp_path), "JAX_PLATFORMS": "cpu"}
     subprocess.run([sys.executable, "-c", PERSISTENT_CACHE_SCRIPT], cwd=REPO, env=env, check=True, timeout=300)
     assert [p for p in (tmp_path / "jax-compilation").rglob("*") if p.is_file()]
@@ -167,7 +166,7 @@ def test_vqgan_is_fetched_at_the_pinned_commit(downloads):
 
 def test_dalle_model_tiny_and_local_folders_load_without_the_hub(downloads, tmp_path):
     folder, revision = checkpoints.locate_dallebart("tiny")
-    assert (folder, revision) == (bundled.cache_dir() / "dallebart", "bundled")
+    assert (folder, revision) == (bundled.DALLEBART, "bundled")
     local = tmp_path / "my-model"
     shutil.copytree(folder, local)
     assert checkpoints.locate_dallebart(str(local), "abc") == (local, "abc")

@@ -21,7 +21,7 @@ from dalle_space import bundled, checkpoints, text
 from dalle_space.engine import Engine, ModelInfo, seed_keys
 fixture = "tests/fixtures/dallebart-tiny"
 config, params = checkpoints.load_dallebart(fixture)
-tokenizer = text.load_tokenizer(bundled.build_dallebart(bundled.cache_dir()))
+tokenizer = text.load_tokenizer(bundled.DALLEBART)
 engine = Engine(config, params, tokenizer, None, None, None, ModelInfo("fixture", None, "float32", "cpu"))
 expected = np.load(fixture + "/expected.npz")
 sampled = []

@@ -8,6 +8,7 @@ import numpy as np
 from dalle_space import dallebart, text, vqgan
 from dalle_space.config import DalleBartConfig, VQGANConfig
 from training import dallebart_stage, data, vqgan_stage
+from training.train import VQGAN_CONFIG
 
 # Small enough to compile and run a few steps in seconds on two CPU cores; same architecture as the presets.
 CONFIG = VQGANConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(), resolution=32,
@@ -23,10 +24,35 @@ def test_vqgan_stage_loss_falls_and_keeps_the_checkpoint_tree():
     totals = [loss for loss, _ in losses]
     reconstruction = [terms[0] for _, terms in losses]
     assert all(np.isfinite(totals))
-    assert np.mean(totals[-3:]) < 0.7 * totals[0], totals
+    assert np.mean(totals[-3:]) < 0.85 * totals[0], totals  # measured: 0.44 -> 0.32 from the k-means start
     assert np.mean(reconstruction[-3:]) < 0.8 * reconstruction[0], reconstruction
     shapes = vqgan.param_shapes(CONFIG)
     assert [(p, s.shape) for p, s in _flat(shapes)] == [(p, np.shape(a)) for p, a in _flat(params)]
+
+
+def test_codebook_start_and_reseeding_keep_codes_in_use():
+    """The bundled VQGAN's shapes, from init_params' unit-normal codebook (far from the encoder's latents):
+    ten plain steps leave one code taking every latent, the first full run's collapse; the k-means start and
+    re-seeding each keep a hundred or more in use (measured: 1, 129 and 219 of 256)."""
+    scenes = data.make_scenes(seed=0, n=64, resolution=VQGAN_CONFIG.resolution)
+
+    def in_use(**knobs) -> int:
+        training = vqgan_stage.VQGANTraining(steps=10, batch_size=8, **knobs)
+        params = vqgan_stage.train(VQGAN_CONFIG, training, scenes.images, seed=0)
+        return len(np.unique(vqgan_stage.encode_all(VQGAN_CONFIG, params, scenes.images)))
+
+    plain = in_use(kmeans_batches=0, reseed_every=0)
+    started = in_use(reseed_every=0)
+    reseeded = in_use(kmeans_batches=0, reseed_every=4, reseed_until=1.0)
+    assert plain <= 8 and started >= 64 and reseeded >= 128, (plain, started, reseeded)
+
+
+def test_reseeded_codes_go_to_the_worst_quantised_latents():
+    rng = np.random.default_rng(0)
+    table = np.zeros((4, 2), np.float32)
+    latents = np.array([[0.1, 0.0]] * 99 + [[5.0, 5.0]], np.float32)  # many near code 0, one far off
+    rows = vqgan_stage.reseeded(latents, table, 1, rng)
+    np.testing.assert_allclose(rows, [[5.0, 5.0]], atol=0.01)
 
 
 def test_same_seed_same_losses():
@@ -45,7 +71,7 @@ def test_reconstruction_error_reaches_the_encoder_through_the_quantiser():
     """The straight-through estimator: without it the encoder would learn only from the commitment term."""
     params = vqgan.init_params(CONFIG, 0)
     images = data.to_unit(data.make_scenes(seed=2, n=2, resolution=CONFIG.resolution).images)
-    grads = jax.grad(lambda p: vqgan_stage.loss_fn(CONFIG, p, images, 0.25)[1][0])(params)
+    grads = jax.grad(lambda p: vqgan_stage.loss_fn(CONFIG, p, images, 0.25)[1][0][0])(params)
     for name, g in _flat(grads):
         assert bool(np.any(np.asarray(g) != 0)) == (not name.startswith("quantize/")), name
 
@@ -87,6 +113,15 @@ def test_code_t_is_predicted_from_the_codes_before_it_only():
                      for c in (codes, changed))
     np.testing.assert_array_equal(before[0, :101], after[0, :101])
     assert not np.allclose(before[0, 101], after[0, 101])
+
+
+def test_recaptions_are_seeded_and_say_their_own_scene():
+    scenes = data.make_scenes(seed=0, n=20, resolution=CONFIG.resolution)
+    more = data.recaption(scenes, seed=0, rounds=2)
+    assert more == data.recaption(scenes, seed=0, rounds=2) and len(more) == 40
+    assert sum(a != b for a, b in zip(more, scenes.captions + scenes.captions)) > 20  # other wordings
+    for caption, scene in zip(more, scenes.scenes + scenes.scenes):
+        assert f"{scene.background} background" in caption and all(s.colour in caption for s in scene.shapes)
 
 
 def test_batches_swap_the_asked_share_of_captions_for_the_empty_prompt():

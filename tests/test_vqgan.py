@@ -62,8 +62,8 @@ def _count(rows, prefixes=None) -> int:
                if prefixes is None or name.split("/")[0] in prefixes)
 
 
-def test_tiny_preset_is_the_fixture_config(config):
-    assert config == VQGAN_PRESETS["tiny"]
+def test_fixture_config_is_the_one_upstream_built(config):
+    assert config == VQGANConfig.from_dict(json.loads((TINY / "meta.json").read_text())["config"])
 
 
 def test_decode_matches_upstream(config, params, expected):
@@ -162,9 +162,9 @@ def test_param_shapes_real_model():
     assert _count(decode_only) == 46_709_891
 
 
-def test_param_shapes_tiny(params):
+def test_param_shapes_tiny(config, params):
     rows = _read_params_txt(TINY / "params.txt")
-    assert _flat(vqgan.param_shapes(VQGAN_PRESETS["tiny"])) == rows == _flat(params)
+    assert _flat(vqgan.param_shapes(config)) == rows == _flat(params)
     assert _count(rows) == 1_079_491 and _count(rows, DECODE_PATH) == 635_587
 
 

@@ -58,7 +58,7 @@ def test_encoding_is_deterministic_and_each_image_is_encoded_alone(config, param
 
 def test_every_encoder_parameter_is_read_and_no_decoder_one(config, params, images):
     """Gradients reach each leaf of encoder/ and quant_conv/ (names as vqgan-jax writes them), none elsewhere."""
-    grads = jax.grad(lambda p: jnp.sum(vqgan.encode_latents(config, p, images[:1]) ** 2))(params)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(vqgan.encode_latents(config, p, images[:1]) ** 2)))(params)
     for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
         name = "/".join(k.key for k in path)
         used = name.startswith(("encoder/", "quant_conv/"))

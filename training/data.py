@@ -28,6 +28,14 @@ def make_scenes(seed: int, n: int, resolution: int, held_out: bool = False) -> S
     return SceneSet(images, tuple(captions), tuple(drawn))
 
 
+def recaption(scene_set: SceneSet, seed: int, rounds: int) -> tuple[str, ...]:
+    """``rounds`` more captions of every scene, round after round, from a stream of their own seed: the same
+    pictures said in other templates, orders and phrases, so the DalleBart reads a new wording of a scene on
+    most visits instead of memorising one."""
+    rng = np.random.default_rng([seed, 1])
+    return tuple(scenes.caption(scene, rng) for _ in range(rounds) for scene in scene_set.scenes)
+
+
 def to_unit(images: np.ndarray) -> np.ndarray:
     """uint8 pixels as float32 in [0, 1], the range the VQGAN reads and writes."""
     return images.astype(np.float32) / 255.0

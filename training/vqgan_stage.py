@@ -5,6 +5,12 @@ Loss: mean squared reconstruction error, plus the VQ-VAE codebook and commitment
 straight-through estimator carrying the decoder's gradient past the quantiser. No perceptual or adversarial
 loss: flat shapes on flat backgrounds have no texture for them to restore; whether pixel error alone keeps
 edges sharp enough is for the judge to say on reconstructions.
+
+The codebook is kept alive from outside the loss: trained as it was, from ``init_params``' unit-normal rows
+far from the encoder's outputs, it collapsed to 2 of its 256 codes and reconstructions lost their colours.
+So it starts as k-means centres of the first batches' latents, and every ``reseed_every`` steps the codes no
+latent chose since the last check move onto current latents, drawn in proportion to how badly they are
+quantised now. Both only set codebook rows, so the exported tree is an ordinary checkpoint.
 """
 
 from __future__ import annotations
@@ -25,14 +31,18 @@ from training import data
 
 @dataclasses.dataclass(frozen=True)
 class VQGANTraining:
-    steps: int = 1200  # ~18 min at 0.9 s a step on 2 CPU cores
+    steps: int = 1700  # 21 min at 0.75 s a step on 2 CPU cores; shapes are the last thing it learns
     batch_size: int = 16
     learning_rate: float = 1e-3
     commitment: float = 0.25  # weight of |z - sg(e)|^2, pulling encoder outputs to their codes
+    kmeans_batches: int = 4  # batches of latents the codebook starts from as k-means centres; 0: init_params'
+    reseed_every: int = 50  # steps between re-seeding the codes left unused; 0: never
+    reseed_until: float = 0.8  # share of the steps after which the codebook is left to settle
 
 
 def loss_fn(config: VQGANConfig, params, images, commitment: float):
-    """(total loss, (reconstruction error, quantisation error)) on images (B, H, W, 3) in [0, 1].
+    """(total loss, ((reconstruction error, quantisation error), latents, codes)) on images (B, H, W, 3) in
+    [0, 1]; the latents and their codes are what re-seeding reads.
 
     The quantisation error |z - e|^2 enters twice with different gradients: in full towards the codebook
     entries e, times ``commitment`` towards the encoder's latents z.
@@ -45,21 +55,23 @@ def loss_fn(config: VQGANConfig, params, images, commitment: float):
     reconstruction = jnp.mean((vqgan.decode_latents(config, params, straight_through) - images) ** 2)
     codebook = jnp.mean((chosen - jax.lax.stop_gradient(latents)) ** 2)
     commit = jnp.mean((latents - jax.lax.stop_gradient(chosen)) ** 2)
-    return reconstruction + codebook + commitment * commit, (reconstruction, codebook)
+    return reconstruction + codebook + commitment * commit, ((reconstruction, codebook), latents, codes)
 
 
 @functools.lru_cache(maxsize=4)
 def make_step(config: VQGANConfig, training: VQGANTraining):
-    """The optimiser and a jitted ``step(params, opt_state, images) -> (params, opt_state, loss, terms)``;
-    cached, so runs with the same settings compile once."""
+    """The optimiser and a jitted ``step(params, opt_state, images) -> (params, opt_state, loss, terms,
+    latents, codes)``, the latents flat (B * h * w, embed_dim); cached, so runs with the same settings
+    compile once."""
     optimiser = optax.adam(training.learning_rate)
 
     @jax.jit
     def step(params, opt_state, images):
-        (loss, terms), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
+        (loss, (terms, latents, codes)), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
             config, params, images, training.commitment)
         updates, opt_state = optimiser.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, terms
+        return (optax.apply_updates(params, updates), opt_state, loss, terms,
+                latents.reshape(-1, latents.shape[-1]), codes.reshape(-1))
 
     return optimiser, step
 
@@ -77,13 +89,61 @@ def train(config: VQGANConfig, training: VQGANTraining, images: np.ndarray, seed
           on_step=lambda step, loss, terms: None) -> Any:
     """Trained parameters from ``vqgan.init_params(config, seed)``; ``on_step`` sees every step's losses."""
     params = jax.tree.map(jnp.asarray, vqgan.init_params(config, seed))
+    rng = np.random.default_rng(seed)
+    stream = batches(images, training.batch_size, seed)
+    if training.kmeans_batches:
+        encode = jax.jit(vqgan.encode_latents, static_argnums=0)
+        latents = np.concatenate([np.asarray(encode(config, params, next(stream))).reshape(-1, config.embed_dim)
+                                  for _ in range(training.kmeans_batches)])
+        params = _with_codebook(params, kmeans(latents, config.n_embed, rng))
     optimiser, step = make_step(config, training)
     opt_state = optimiser.init(params)
-    stream = batches(images, training.batch_size, seed)
+    unused = np.ones(config.n_embed, bool)
     for i in range(training.steps):
-        params, opt_state, loss, terms = step(params, opt_state, next(stream))
+        params, opt_state, loss, terms, latents, codes = step(params, opt_state, next(stream))
         on_step(i, float(loss), tuple(float(t) for t in terms))
+        if training.reseed_every:
+            unused[np.asarray(codes)] = False
+            if (i + 1) % training.reseed_every == 0:
+                if i + 1 < training.reseed_until * training.steps and unused.any():
+                    table = np.array(params["quantize"]["embedding"]["embedding"])
+                    table[unused] = reseeded(np.asarray(latents), table, int(unused.sum()), rng)
+                    params = _with_codebook(params, table)
+                unused[:] = True
     return params
+
+
+def _with_codebook(params, table: np.ndarray):
+    return {**params, "quantize": {"embedding": {"embedding": jnp.asarray(table, jnp.float32)}}}
+
+
+def _squared_distances(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    return (points**2).sum(1, keepdims=True) + (centres**2).sum(1) - 2 * points @ centres.T
+
+
+def kmeans(points: np.ndarray, k: int, rng: np.random.Generator, iterations: int = 10) -> np.ndarray:
+    """k centres (k, dim) of points (n, dim), Lloyd's iterations from k distinct points; a centre left
+    without points keeps its place. Flat backgrounds give the same latent thousands of times, so the
+    starting picks are drawn from the distinct points, not weighted by how often each repeats."""
+    distinct = np.unique(points, axis=0)
+    centres = distinct[rng.choice(len(distinct), k, replace=len(distinct) < k)]
+    centres = centres + 1e-3 * rng.standard_normal(centres.shape)  # repeated picks must still differ
+    for _ in range(iterations):
+        nearest = _squared_distances(points, centres).argmin(1)
+        sums = np.zeros_like(centres)
+        np.add.at(sums, nearest, points)
+        counts = np.bincount(nearest, minlength=k)[:, None]
+        centres = np.where(counts > 0, sums / np.maximum(counts, 1), centres)
+    return centres.astype(np.float32)
+
+
+def reseeded(latents: np.ndarray, table: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n new codebook rows: latents drawn with probability in proportion to their squared distance from the
+    nearest code, so the codes go where quantisation loses most, not to the background's many copies."""
+    error = np.maximum(_squared_distances(latents, table).min(1), 0.0) + 1e-12  # every latent stays possible
+    chance = error / error.sum()
+    picks = rng.choice(len(latents), n, replace=len(latents) < n, p=chance)
+    return latents[picks] + 1e-3 * rng.standard_normal((n, latents.shape[1])).astype(np.float32)
 
 
 def encode_all(config: VQGANConfig, params, images: np.ndarray, batch_size: int = 64) -> np.ndarray:

@@ -1,0 +1,71 @@
+"""The bundled ``tiny`` model as the package ships it: its folders load through the loader every checkpoint goes
+through and are what the presets say, and what the page tells people about it is in its scenes' vocabulary."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from dalle_space import bundled, checkpoints, scenes
+from dalle_space.config import DALLEBART_PRESETS, VQGAN_PRESETS
+
+
+def test_shipped_folders_load_through_the_loader_and_are_the_presets():
+    assert checkpoints.locate_dallebart("tiny") == (bundled.DALLEBART, "bundled")
+    assert checkpoints.locate_vqgan("tiny") == (bundled.VQGAN, "bundled")
+    tokenizer = checkpoints.load_tokenizer(bundled.DALLEBART)
+    config, params = checkpoints.load_dallebart("tiny")  # checks every parameter's path and shape
+    vqgan_config, _ = checkpoints.load_vqgan("tiny")
+    assert config == DALLEBART_PRESETS["tiny"] and vqgan_config == VQGAN_PRESETS["tiny"]
+    checkpoints.check_pair(config, vqgan_config, bundled.VQGAN)
+    assert len(tokenizer) == config.encoder_vocab_size
+    assert config.image_length == vqgan_config.grid_side**2 and vqgan_config.resolution == 64
+    assert params["lm_head"]["kernel"].shape == (config.d_model, config.decoder_vocab_size)
+
+
+@pytest.fixture(scope="module")
+def caption_words() -> set[str]:
+    """Every word the training captions use, from enough seeded scenes to say each one."""
+    rng = np.random.default_rng(0)
+    captions = [scenes.caption(scenes.sample_scene(rng), rng) for _ in range(3000)]
+    return set(re.findall(r"[a-z]+", " ".join(captions)))
+
+
+@pytest.mark.parametrize("prompt", bundled.PROMPTS)
+def test_prompts_say_only_what_the_model_was_trained_on(prompt, caption_words):
+    assert set(re.findall(r"[a-z]+", prompt)) <= caption_words
+    plural = {kind + "s": kind for kind in scenes.KINDS}
+    pairs = re.findall(rf"({'|'.join(scenes.COLOURS)}) ({'|'.join([*scenes.KINDS, *plural])})\b", prompt)
+    assert pairs and not {(colour, plural.get(kind, kind)) for colour, kind in pairs} & scenes.HELD_OUT
+
+
+def test_what_it_draws_is_the_scenes_vocabulary():
+    assert scenes.COUNT_WORDS[scenes.MAX_SHAPES - 1] == "three" and "one to three " in bundled.DRAWS
+    assert len(scenes.COLOURS) == 8 and " eight colours " in bundled.DRAWS
+    assert all(re.search(rf"\b{kind}s\b", bundled.DRAWS) for kind in scenes.KINDS)
+
+
+def _share_nearest(pixels: np.ndarray, colour: str) -> float:
+    """Share of the pixels whose nearest named colour is ``colour``."""
+    names = list(scenes.COLOURS)
+    table = np.array(list(scenes.COLOURS.values()), np.float32)
+    nearest = np.argmin(np.linalg.norm(pixels.reshape(-1, 1, 3).astype(np.float32) - table, axis=-1), axis=-1)
+    return float(np.mean(nearest == names.index(colour)))
+
+
+@pytest.mark.xfail(strict=True, reason="the bundled model does not draw its prompts yet (training/README.md); "
+                   "strict, so the day it does this marker has to go")
+def test_a_red_square_on_a_blue_background_is_drawn_so():
+    """What the bundled model is for, at the app's default scale and a fixed seed."""
+    from dalle_space.engine import Engine
+
+    engine = Engine.from_pretrained("tiny", max_images=1)
+    image = np.asarray(engine.generate(["a red square on a blue background"], seed=0).images[0])
+    border = np.concatenate([image[:4].reshape(-1, 3), image[-4:].reshape(-1, 3),
+                             image[:, :4].reshape(-1, 3), image[:, -4:].reshape(-1, 3)])
+    side = image.shape[0]
+    centre = image[side * 3 // 8:side * 5 // 8, side * 3 // 8:side * 5 // 8]
+    assert _share_nearest(border, "blue") >= 0.8
+    assert _share_nearest(centre, "red") >= 0.6
