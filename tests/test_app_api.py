@@ -18,6 +18,7 @@ from gradio_client.utils import QueueError, Status
 from PIL import Image
 
 from dalle_space import bundled
+from dalle_space.sampler import sampler_mode
 
 TINY_RESOLUTION = 64
 TIMING_FIELDS = {"tokenize_s", "encode_s", "sample_s", "vqgan_s", "compile_s", "total_s", "per_image_s", "compiled"}
@@ -264,6 +265,19 @@ def test_the_tiny_models_page_offers_prompts_in_its_vocabulary(client):
     assert [line for example in examples for line in example[0].splitlines()] == list(bundled.PROMPTS)
     prompt = next(c for c in components if c["props"].get("label") == "Prompts")
     assert prompt["props"]["placeholder"] == bundled.PROMPTS[0]
+
+
+def test_every_example_on_the_tiny_models_page_runs(client):
+    examples = next(c for c in client.config["components"] if c["type"] == "dataset")["props"]["samples"]
+    for prompt, condition_scale, n_seeds, sampler in examples:
+        changes = dict(prompt=prompt, condition_scale=condition_scale, n_seeds=n_seeds)
+        if sampler == "compare":
+            images, summary = generate(client, "/compare", **changes)
+        else:
+            images, summary = generate(client, sampler=sampler, **changes)
+        assert len(images) == n_seeds * len(prompt.splitlines()), prompt
+        modes = ("parallel", "serial") if sampler == "compare" else (sampler,)
+        assert set(summary["timings"]) == {sampler_mode(mode, condition_scale) for mode in modes}
 
 
 # ------------------------------------------------------------------------------------------------
