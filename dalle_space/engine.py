@@ -347,17 +347,19 @@ class Engine:
         advance_args = (self.config, self.params, state, contexts, self._warping(3.0, 1.0, None), spec, positions)
         return self._prepare.lower(*prepare_args).compile(), self._advance.lower(*advance_args).compile()
 
+    @property
+    def _itemsize(self) -> int:
+        return jnp.dtype(dallebart.compute_dtype(self.params)).itemsize
+
     def sampler_bytes(self, n_prompts: int, n_seeds: int, mode: str) -> int:
         """Bytes sampling a batch of this shape allocates besides the weights (estimated from the shapes)."""
-        itemsize = jnp.dtype(dallebart.compute_dtype(self.params)).itemsize
-        return memory.sampler_bytes(self.config, n_prompts, n_prompts * n_seeds, mode, itemsize)
+        return memory.sampler_bytes(self.config, n_prompts, n_prompts * n_seeds, mode, self._itemsize)
 
     def memory_needed(self, n_prompts: int, n_seeds: int, mode: str) -> int:
         """Bytes a request of this shape allocates besides the loaded weights: sampling, then the VQGAN."""
         needed = self.sampler_bytes(n_prompts, n_seeds, mode)
         if self.vqgan_config is not None:
-            itemsize = jnp.dtype(dallebart.compute_dtype(self.params)).itemsize
-            needed += memory.vqgan_bytes(self.vqgan_config, n_prompts * n_seeds, itemsize)
+            needed += memory.vqgan_bytes(self.vqgan_config, n_prompts * n_seeds, self._itemsize)
         return needed
 
     def most_images_that_fit(self, n_prompts: int, mode: str, limit: int) -> int:

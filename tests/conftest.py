@@ -99,6 +99,17 @@ def engine():
 
 
 @pytest.fixture(scope="session")
+def tiny():
+    """The bundled tiny model's engine as the app starts it (default shape compiled), for the engine's own
+    checks; a module that counts compilations or sweeps shapes loads its own."""
+    from dalle_space.engine import Engine
+
+    engine = Engine.from_pretrained("tiny")
+    engine.warmup()
+    return engine
+
+
+@pytest.fixture(scope="session")
 def untrained_tiny(tmp_path_factory) -> Path:
     """The bundled tiny DalleBart folder with random weights in place of the trained ones, for tests of what each
     sampling option changes: the trained model is too sure of most tokens for top-k, top-p or temperature to

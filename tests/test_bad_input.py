@@ -15,7 +15,7 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from dalle_space.engine import MAX_SEED, Engine
+from dalle_space.engine import MAX_SEED
 
 GOOD = dict(
     prompt="a red bicycle", condition_scale=10, n_seeds=1, sampler="parallel", seed=7,
@@ -229,13 +229,6 @@ ODD_ENGINE_ROWS = [
     ("control characters", ["a\x00cat\x1b"]),  # the app refuses these; the engine just tokenizes them
     ("zero-width", ["\u200b"]),
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny() -> Engine:
-    engine = Engine.from_pretrained("tiny")
-    engine.warmup()
-    return engine
 
 
 @pytest.mark.parametrize("changes, message", [r[1:] for r in BAD_ENGINE_ROWS], ids=[r[0] for r in BAD_ENGINE_ROWS])

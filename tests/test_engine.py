@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dalle_space import text
-from dalle_space.engine import PROGRESS_CHUNKS, Engine, seed_keys
+from dalle_space.engine import PROGRESS_CHUNKS, seed_keys
 
 FIXTURE = Path(__file__).parent / "fixtures" / "dallebart-tiny"
 
@@ -16,13 +16,6 @@ FIXTURE = Path(__file__).parent / "fixtures" / "dallebart-tiny"
 @pytest.fixture(scope="module")
 def expected():
     return dict(np.load(FIXTURE / "expected.npz"))
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    engine = Engine.from_pretrained("tiny")
-    engine.warmup()
-    return engine
 
 
 @pytest.mark.parametrize("mode", ["parallel", "serial"])
