@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 import numpy as np
 import pandas as pd
+from gradio_client import utils as client_utils
 
 from dalle_space import bundled, experiment
 from dalle_space.engine import MAX_SEED, Result, load_engine
@@ -28,6 +29,9 @@ MAX_PROMPTS = 4
 # Requests the queue holds beyond the running one; gradio refuses the rest itself ("Queue is full").
 MAX_WAITING = int(os.environ.get("DALLE_QUEUE_SIZE") or 16)
 MAX_PROMPT_CHARS = 1000  # the model reads only 64 tokens; anything longer is a paste gone wrong
+# gradio's upload route stays open on every app; no input here takes a file, so an upload only needs room for the
+# mistake NoFilesBlocks answers with a sentence, not for filling the disk.
+MAX_UPLOAD = "64kb"
 SCALE_RANGE = (1.0, 20.0)
 TOP_K_RANGE = (1, 16384)  # up to the VQGAN codebook size: "keep every code"
 TOP_P_RANGE = (0.01, 1.0)
@@ -137,6 +141,40 @@ class Outcome:
 def _user_error(message: str) -> gr.Error:
     # The person made a mistake, not the server: no traceback in the log either.
     return gr.Error(message, print_exception=False)
+
+
+def _holds_file(value: Any) -> bool:
+    """Whether a raw input value holds a file reference anywhere, as gradio recognises one."""
+    found: list[dict] = []
+    client_utils.traverse(value, found.append, client_utils.is_file_obj_with_meta)
+    return bool(found)
+
+
+def _takes(block: gr.components.Component) -> str:
+    """What an input takes, in words."""
+    if isinstance(block, gr.Textbox):
+        return "text"
+    if isinstance(block, (gr.Slider, gr.Number)):
+        return "a number"
+    if isinstance(block, gr.Checkbox):
+        return "true or false"
+    choices = ", ".join(repr(value) for _, value in block.choices)  # gr.Radio, gr.CheckboxGroup
+    return f"a list of {choices}" if isinstance(block, gr.CheckboxGroup) else f"one of {choices}"
+
+
+class NoFilesBlocks(gr.Blocks):
+    """Blocks that refuse a file reference sent as any input with one sentence naming the field.
+
+    Gradio copies a file an input names into its cache before any handler runs, preprocess=False or not: a
+    path nobody uploaded is refused there with a bare "Error", an uploaded one (gradio_client's ``handle_file``)
+    reaches the handler as a dict. No input here takes a file, so the refusal comes first, in the check gradio
+    runs on every request's inputs, and no file is read or copied."""
+
+    def validate_inputs(self, block_fn, inputs: list[Any]) -> None:
+        super().validate_inputs(block_fn, inputs)
+        for block, value in zip(block_fn.inputs, inputs):
+            if _holds_file(value):
+                raise _user_error(f"{block.label} takes {_takes(block)}, not a file: this Space accepts no files.")
 
 
 def _shown(value: Any) -> str:
@@ -500,7 +538,7 @@ def _model_line() -> str:
 
 def build_demo() -> gr.Blocks:
     examples = TINY_EXAMPLES if engine.info.model == "tiny" else EXAMPLES
-    with gr.Blocks(title="DALL·E mini: serial vs parallel super-conditioning") as demo:
+    with NoFilesBlocks(title="DALL·E mini: serial vs parallel super-conditioning") as demo:
         gr.Markdown(
             "# DALL·E mini: serial vs parallel super-conditioning\n"
             "Super-conditioning mixes a prompt-conditioned and an unconditioned pass at every token. "
@@ -594,4 +632,4 @@ demo = build_demo()
 if __name__ == "__main__":
     # Host and port: GRADIO_SERVER_NAME / GRADIO_SERVER_PORT. share=False: never a public gradio.live
     # tunnel, whatever GRADIO_SHARE says.
-    demo.queue(max_size=MAX_WAITING).launch(css=CSS, share=False)
+    demo.queue(max_size=MAX_WAITING).launch(css=CSS, share=False, max_file_size=MAX_UPLOAD)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from transformers import BartTokenizerFast
 
 from . import bundled, dallebart, text, vqgan
 from .config import DalleBartConfig, VQGANConfig
+
+log = logging.getLogger(__name__)
 
 # Hub repositories of the published models. The VQGAN commit is the one dalle-mini's inference notebook
 # pins; for the DalleBart repos no commit was recorded, so ``None`` takes the newest and the resolved
@@ -73,10 +76,13 @@ def _locate(source: str | Path, revision: str | None, hub: dict[str, tuple[str, 
 def _download(repo_id: str, revision: str | None, files: tuple[str, ...]) -> tuple[Path, str]:
     """Fetch only the listed files of a hub repo at a revision. A repo or revision the hub says does not exist
     is a CheckpointError: a typo must stop the app, not pass for an outage. Any other failure (no network, hub
-    down, a download cut off, offline mode) falls back to a complete copy in the local cache, and without one
-    is a HubUnavailableError."""
+    down, a download cut off, offline mode) falls back to a complete copy in the local cache: the revision's
+    own, else, unless the revision pins a commit, the newest complete one of the repo (a download of a new
+    ``main`` that died mid-way leaves ``refs/main`` naming a snapshot with files missing, while the previous
+    commit sits whole beside it). Without one it is a HubUnavailableError."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.file_download import REGEX_COMMIT_HASH
 
     hub = f"the hub at {constants.ENDPOINT}"
     try:
@@ -88,13 +94,44 @@ def _download(repo_id: str, revision: str | None, files: tuple[str, ...]) -> tup
     except HFValidationError as error:
         raise CheckpointError(f"{repo_id!r} is not a valid hub id ({error})") from None
     except Exception as online_error:
-        try:
-            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(files),
-                                            local_files_only=True))
-        except Exception:
-            raise HubUnavailableError(f"cannot download {repo_id} from {hub} "
-                                      f"({type(online_error).__name__}: {online_error})") from None
+        reason = f"{type(online_error).__name__}: {online_error}"
+        named = revision or constants.DEFAULT_REVISION
+        pinned = REGEX_COMMIT_HASH.fullmatch(named) is not None
+        if (folder := _complete_snapshot(repo_id, named, files)) is not None:
+            log.warning("Cannot download %s from %s (%s); its cached copy is used: commit %s.",
+                        repo_id, hub, reason, folder.name)
+        elif not pinned and (folder := _newest_complete_snapshot(repo_id, files)) is not None:
+            log.warning("Cannot download %s at %s from %s (%s), and the cached copy of %s is incomplete or absent: "
+                        "an older cached copy is used, commit %s.", repo_id, named, hub, reason, named, folder.name)
+        else:
+            raise HubUnavailableError(f"cannot download {repo_id} from {hub} ({reason})") from None
     return folder, folder.name  # snapshot folders are named by commit hash
+
+
+def _complete_snapshot(repo_id: str, revision: str, files: tuple[str, ...]) -> Path | None:
+    """The cached snapshot of ``revision`` if it holds every file of the commit that ``files`` selects, as
+    huggingface_hub judges it from its cached listing of the commit (a snapshot with no cached listing passes as
+    it is); None if it is absent or lacks any."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(files), local_files_only=True))
+    except LocalEntryNotFoundError:  # also IncompleteSnapshotError: a snapshot with files missing
+        return None
+
+
+def _newest_complete_snapshot(repo_id: str, files: tuple[str, ...]) -> Path | None:
+    """The most recently modified complete snapshot of the repo in the local hub cache, whatever its commit."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import REGEX_COMMIT_HASH, repo_folder_name
+
+    snapshots = Path(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model"), "snapshots")
+    commits = [path for path in snapshots.glob("*") if path.is_dir() and REGEX_COMMIT_HASH.fullmatch(path.name)]
+    for path in sorted(commits, key=lambda path: path.stat().st_mtime, reverse=True):
+        if (folder := _complete_snapshot(repo_id, path.name, files)) is not None:
+            return folder
+    return None
 
 
 def locate_dallebart(source: str | Path = "mini", revision: str | None = None) -> tuple[Path, str | None]:

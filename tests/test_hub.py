@@ -204,6 +204,46 @@ def test_hub_dying_mid_download_falls_back_then_the_next_start_completes(hub, tm
     assert _read(snapshot) == files["main"]
 
 
+MOVED_MAIN = """
+import logging
+from dalle_space import checkpoints, engine
+logged = []
+handler = logging.Handler()
+handler.emit = lambda record: logged.append(record.getMessage())
+logging.getLogger("dalle_space.checkpoints").addHandler(handler)
+result = {
+    "unpinned": attempt(lambda: [str(part) for part in checkpoints.locate_dallebart("mini")]),
+    "pinned": attempt(lambda: [str(part) for part in checkpoints.locate_dallebart("mini", revision=NEXT)]),
+    "app": attempt(lambda: [engine.load_engine("mini", vqgan=None).info.revision]),
+}
+result["log"] = logged
+"""
+
+
+def test_main_moved_to_a_commit_cut_off_mid_download_runs_the_newest_complete_cached_commit(hub, tmp_path, files):
+    cache = tmp_path / "hub"
+    downloaded = run(f"from dalle_space import checkpoints\n"
+                     f"result = [checkpoints.locate_dallebart('mini', revision={MINI_OLD!r})[1],"
+                     f" checkpoints.locate_dallebart('mini')[1]]", hub.url, cache)
+    assert downloaded == [MINI_OLD, MINI_MAIN]
+    os.utime(_snapshot(cache, MINI, MINI_OLD), (1e9, 1e9))  # complete too, but older than main's
+    mini_next = fake_commit("mini next")
+    next_weights = files["main"]["flax_model.msgpack"] + b"next"  # new bytes: downloaded, not linked from a blob
+    hub.add(MINI, mini_next, {**files["main"], "flax_model.msgpack": next_weights, **EXTRAS})  # main moves
+    hub.cut(next_weights, after=CUT_AT, die=True)
+
+    result = run(MOVED_MAIN.replace("NEXT", repr(mini_next)), hub.url, cache)
+    assert (cache / f"models--{MINI.replace('/', '--')}" / "refs" / "main").read_text() == mini_next
+    assert not (_snapshot(cache, MINI, mini_next) / "flax_model.msgpack").exists()  # the cut happened
+    assert result["unpinned"] == {"value": [str(_snapshot(cache, MINI, MINI_MAIN)), MINI_MAIN]}
+    assert _read(_snapshot(cache, MINI, MINI_MAIN)) == files["main"]  # whole
+    assert result["app"] == {"value": [MINI_MAIN]}  # the commit the page shows is the one that runs
+    assert result["pinned"].get("error") == "HubUnavailableError", result["pinned"]  # that commit or nothing
+    assert result["pinned"]["message"].startswith(f"cannot download {MINI} from the hub at {hub.url} (")
+    assert result["log"][0].endswith(f"the cached copy of main is incomplete or absent: an older cached copy is "
+                                     f"used, commit {MINI_MAIN}.")
+
+
 ERRORS = """
 from dalle_space import checkpoints, engine
 result = {

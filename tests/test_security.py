@@ -12,7 +12,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from gradio_client import Client
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 
 REPO = Path(__file__).resolve().parent.parent
 FILE_TYPES = {"file", "files", "image", "imageeditor", "simpleimage", "annotatedimage", "video", "audio",
@@ -83,15 +84,59 @@ def test_a_path_where_text_goes_is_only_text(server, temp_dir):
     assert b"root:" not in body
 
 
-@pytest.mark.parametrize("position", [0, 1, 4], ids=["prompt", "condition_scale", "seed"])
-def test_a_file_reference_where_inputs_go_is_refused_and_nothing_is_read(server, temp_dir, position):
-    """A FileData dict naming a server path: gradio refuses to copy a file nobody uploaded, before the handler."""
+NO_FILES = "not a file: this Space accepts no files."
+
+
+@pytest.mark.parametrize(("position", "field"), [(0, "Prompts takes text"), (1, "Condition scale takes a number"),
+                                                 (4, "Seed takes a number")], ids=["prompt", "condition_scale", "seed"])
+def test_a_file_reference_where_inputs_go_gets_a_sentence_and_nothing_is_read(server, temp_dir, position, field):
+    """A FileData dict naming a server path: refused with a sentence before gradio would look for the file."""
     data = list(GOOD)
     data[position] = {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}
-    event, _ = call(server.url, data)
-    assert event == "error"
+    event, payload = call(server.url, data)
+    assert (event, payload["error"]) == ("error", f"{field}, {NO_FILES}")
     assert not [p for p in temp_dir.rglob("*") if p.name == "passwd"]
-    assert "was not uploaded by a user" in server.log_tail(100_000)
+    assert "was not uploaded by a user" not in server.log_tail(100_000)  # gradio's own file check never ran
+
+
+@pytest.mark.parametrize(("name", "field"), [("prompt", "Prompts takes text"), ("top_k", "Top-k takes a number"),
+                                             ("sampler", "Sampler takes one of 'parallel', 'serial', 'compare'")])
+def test_a_file_handed_to_gradio_client_gets_a_sentence_and_the_next_request_is_served(client, temp_dir, tmp_path,
+                                                                                       name, field):
+    """gradio_client uploads a ``handle_file`` before the call, so gradio would pass it on; the app refuses it."""
+    upload = tmp_path / f"notes-{name}.txt"
+    upload.write_text("<b>private notes</b>")
+    request = dict(zip(["prompt", "condition_scale", "n_seeds", "sampler", "seed", "randomize_seed", "top_k",
+                        "top_p", "temperature"], GOOD))
+    with pytest.raises(AppError) as raised:
+        client.predict(**{**request, name: handle_file(str(upload))}, api_name="/generate")
+    assert str(raised.value) == f"{field}, {NO_FILES}"
+    # the one copy is gradio's upload route's, made before the call; nothing copied it on
+    assert len([p for p in temp_dir.rglob(upload.name)]) == 1
+    images, _ = client.predict(**request, api_name="/generate")
+    assert images[0]["caption"] == "#1 · seed 7 · a red bicycle"
+
+
+def test_a_file_inside_a_list_input_gets_the_sentence_too(client, tmp_path):
+    upload = tmp_path / "counts.txt"
+    upload.write_text("1")
+    with pytest.raises(AppError) as raised:
+        client.predict(images=[1, handle_file(str(upload))], condition_scale=3, repeats=1, fit_limit=0,
+                       api_name="/benchmark")
+    assert str(raised.value) == f"Images per prompt takes a list of 1, 2, 4, 8, 16, {NO_FILES}"
+
+
+def test_an_upload_over_the_cap_is_refused_and_not_kept(server, temp_dir):
+    """Gradio's upload route is open on every app; this one takes no files, so it keeps nothing large."""
+    boundary = "----cap"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.bin\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + b"x" * 100_000 + f"\r\n--{boundary}--\r\n".encode()
+    post = urllib.request.Request(server.url + "gradio_api/upload", data=body,
+                                  headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(post, timeout=30)
+    assert refused.value.code == 413
+    assert not [p for p in temp_dir.rglob("big.bin")]
 
 
 def test_gallery_files_come_only_from_gradios_temp_folder(server, temp_dir):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
+import pytest
 
 from dalle_space import checkpoints, dallebart, text, vqgan
 from dalle_space.config import DALLEBART_PRESETS, VQGAN_PRESETS
@@ -39,3 +42,13 @@ def test_written_folders_load_back_through_the_apps_loader(tmp_path):
     written = {tuple(k.key for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(vq_params)[0]}
     assert stored.keys() == written.keys() and all(np.array_equal(stored[k], written[k]) for k in written)
     checkpoints.check_pair(loaded_config, loaded_vq_config, vq_folder)
+
+
+def test_a_trained_vqgan_reads_back_whole_for_another_dallebart_stage(tmp_path):
+    vq_config = VQGAN_PRESETS["tiny"]
+    vq_params = vqgan.init_params(vq_config, 2)
+    folder = export.write_folder(tmp_path / "vqgan", vq_config, vq_params)
+    assert _same(export.read_vqgan(folder, vq_config), vq_params)  # encoder included: it makes the codes
+    other = dataclasses.replace(vq_config, n_embed=128)
+    with pytest.raises(ValueError, match="another configuration"):
+        export.read_vqgan(folder, other)

@@ -9,7 +9,9 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax.serialization import msgpack_serialize
+from flax.traverse_util import unflatten_dict
 
+from dalle_space import checkpoints
 from dalle_space.config import DalleBartConfig, VQGANConfig
 
 # Where each part's per-layer runtime tuple is stacked in the checkpoint (dalle_space.dallebart's names).
@@ -47,3 +49,12 @@ def write_folder(folder: Path, config: DalleBartConfig | VQGANConfig, params) ->
     leaves = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
     (folder / "flax_model.msgpack").write_bytes(msgpack_serialize(leaves))
     return folder
+
+
+def read_vqgan(folder: Path, config: VQGANConfig) -> dict:
+    """The whole parameter tree (encoder included) of a VQGAN folder ``write_folder`` wrote with ``config``;
+    a folder of another configuration is refused, since its codes would not be the ones the DalleBart learns."""
+    written = VQGANConfig.from_dict(checkpoints.read_config(folder))
+    if written != config:
+        raise ValueError(f"{folder} holds a VQGAN of another configuration: {written}, not {config}")
+    return unflatten_dict(checkpoints.read_params(folder))

@@ -1,9 +1,12 @@
 """Train the bundled model from nothing, seeded: scenes -> VQGAN -> codes -> DalleBart -> hub folders.
 
     python -m training.train --out DIR [--seed 0] [--scenes N] [--vqgan-steps N] [--dallebart-steps N]
+                             [--vqgan TRAINED]
 
 Writes DIR/vqgan and DIR/dallebart (config.json, flax_model.msgpack; the tokenizer files with the DalleBart)
-and a loss log per stage in DIR/logs, with a progress bar per stage on the terminal.
+and a loss log per stage in DIR/logs, with a progress bar per stage on the terminal. ``--vqgan`` takes the
+VQGAN folder of an earlier run (encoder included) instead of training stage 1 again: the DalleBart stage
+alone, on the same scenes' codes, for trying its settings without the VQGAN stage's share of the hour.
 """
 
 from __future__ import annotations
@@ -60,15 +63,20 @@ def main(argv=None) -> None:
     parser.add_argument("--scenes", type=int, default=20000, help="training scenes (pictures and captions)")
     parser.add_argument("--vqgan-steps", type=int, default=vqgan_stage.VQGANTraining.steps)
     parser.add_argument("--dallebart-steps", type=int, default=dallebart_stage.DalleBartTraining.steps)
+    parser.add_argument("--vqgan", type=Path, help="a trained VQGAN folder (OUT/vqgan of an earlier run) to use "
+                                                   "instead of training stage 1")
     args = parser.parse_args(argv)
     started = time.monotonic()
 
     scenes = data.make_scenes(args.seed, args.scenes, RESOLUTION)
-    training = dataclasses.replace(vqgan_stage.VQGANTraining(), steps=args.vqgan_steps)
-    log = _stage("vqgan", training.steps, args.out, ("loss", "reconstruction", "quantisation"))
-    vq_params = vqgan_stage.train(VQGAN_CONFIG, training, scenes.images, args.seed,
-                                  on_step=lambda step, loss, terms: log(step, loss, *terms))
-    log.close()
+    if args.vqgan:
+        vq_params = export.read_vqgan(args.vqgan, VQGAN_CONFIG)
+    else:
+        training = dataclasses.replace(vqgan_stage.VQGANTraining(), steps=args.vqgan_steps)
+        log = _stage("vqgan", training.steps, args.out, ("loss", "reconstruction", "quantisation"))
+        vq_params = vqgan_stage.train(VQGAN_CONFIG, training, scenes.images, args.seed,
+                                      on_step=lambda step, loss, terms: log(step, loss, *terms))
+        log.close()
     export.write_folder(args.out / "vqgan", VQGAN_CONFIG, vq_params)
     codes = vqgan_stage.encode_all(VQGAN_CONFIG, vq_params, scenes.images)
 
