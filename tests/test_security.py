@@ -129,8 +129,9 @@ def test_a_file_inside_a_list_input_gets_the_sentence_too(client, tmp_path):
 def test_an_upload_over_the_cap_is_refused_and_not_kept(server, temp_dir):
     """Gradio's upload route is open on every app; this one takes no files, so it keeps nothing large."""
     boundary = "----cap"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.bin\"\r\n"
-            f"Content-Type: application/octet-stream\r\n\r\n").encode() + b"x" * 100_000 + f"\r\n--{boundary}--\r\n".encode()
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.bin\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n")
+    body = head.encode() + b"x" * 100_000 + f"\r\n--{boundary}--\r\n".encode()
     post = urllib.request.Request(server.url + "gradio_api/upload", data=body,
                                   headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     with pytest.raises(urllib.error.HTTPError) as refused:
