@@ -82,7 +82,6 @@ def _download(repo_id: str, revision: str | None, files: tuple[str, ...]) -> tup
     commit sits whole beside it). Without one it is a HubUnavailableError."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
-    from huggingface_hub.file_download import REGEX_COMMIT_HASH
 
     hub = f"the hub at {constants.ENDPOINT}"
     try:
@@ -96,11 +95,10 @@ def _download(repo_id: str, revision: str | None, files: tuple[str, ...]) -> tup
     except Exception as online_error:
         reason = f"{type(online_error).__name__}: {online_error}"
         named = revision or constants.DEFAULT_REVISION
-        pinned = REGEX_COMMIT_HASH.fullmatch(named) is not None
         if (folder := _complete_snapshot(repo_id, named, files)) is not None:
             log.warning("Cannot download %s from %s (%s); its cached copy is used: commit %s.",
                         repo_id, hub, reason, folder.name)
-        elif not pinned and (folder := _newest_complete_snapshot(repo_id, files)) is not None:
+        elif not _is_commit(named) and (folder := _newest_complete_snapshot(repo_id, files)) is not None:
             log.warning("Cannot download %s at %s from %s (%s), and the cached copy of %s is incomplete or absent: "
                         "an older cached copy is used, commit %s.", repo_id, named, hub, reason, named, folder.name)
         else:
@@ -121,13 +119,20 @@ def _complete_snapshot(repo_id: str, revision: str, files: tuple[str, ...]) -> P
         return None
 
 
+def _is_commit(revision: str) -> bool:
+    """A full commit hash, as hub snapshot folders are named, rather than a branch or tag."""
+    from huggingface_hub.file_download import REGEX_COMMIT_HASH
+
+    return REGEX_COMMIT_HASH.fullmatch(revision) is not None
+
+
 def _newest_complete_snapshot(repo_id: str, files: tuple[str, ...]) -> Path | None:
     """The most recently modified complete snapshot of the repo in the local hub cache, whatever its commit."""
     from huggingface_hub import constants
-    from huggingface_hub.file_download import REGEX_COMMIT_HASH, repo_folder_name
+    from huggingface_hub.file_download import repo_folder_name
 
     snapshots = Path(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model"), "snapshots")
-    commits = [path for path in snapshots.glob("*") if path.is_dir() and REGEX_COMMIT_HASH.fullmatch(path.name)]
+    commits = [path for path in snapshots.glob("*") if path.is_dir() and _is_commit(path.name)]
     for path in sorted(commits, key=lambda path: path.stat().st_mtime, reverse=True):
         if (folder := _complete_snapshot(repo_id, path.name, files)) is not None:
             return folder

@@ -64,16 +64,17 @@ class _MallInfo2(ctypes.Structure):
                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-def _glibc_mallinfo2():
+def _glibc() -> ctypes.CDLL | None:
     try:
-        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):  # not glibc, or older than 2.33
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
         return None
-    mallinfo2.restype = _MallInfo2
-    return mallinfo2
 
 
-_MALLINFO2 = _glibc_mallinfo2()
+_LIBC = _glibc()
+_MALLINFO2 = getattr(_LIBC, "mallinfo2", None)  # glibc 2.33 and newer
+if _MALLINFO2 is not None:
+    _MALLINFO2.restype = _MallInfo2
 
 
 def source() -> str:
@@ -95,12 +96,12 @@ def _heap_bytes() -> int:
 
 
 def _release_free_heap() -> None:
-    """Hand memory freed by earlier calls back to the system, so the next call's growth is its own."""
+    """Free what earlier calls left for the collector, so the next call's growth is its own; where the meter is
+    the resident size, also hand freed heap pages back to the system (the heap meter counts bytes in use, which
+    freeing already lowers)."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc: growth may then include memory an earlier call freed
-        pass
+    if _MALLINFO2 is None and _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def peak_growth(call: Callable[[], Any], poll_s: float = 0.002) -> tuple[Any, int | None]:

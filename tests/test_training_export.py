@@ -52,3 +52,7 @@ def test_a_trained_vqgan_reads_back_whole_for_another_dallebart_stage(tmp_path):
     other = dataclasses.replace(vq_config, n_embed=128)
     with pytest.raises(ValueError, match="another configuration"):
         export.read_vqgan(folder, other)
+    decoder_only = export.write_folder(tmp_path / "decoder", vq_config, {k: v for k, v in vq_params.items()
+                                                                        if k != "encoder"})
+    with pytest.raises(checkpoints.CheckpointError, match="missing encoder/"):
+        export.read_vqgan(decoder_only, vq_config)

@@ -11,7 +11,7 @@ import numpy as np
 from flax.serialization import msgpack_serialize
 from flax.traverse_util import unflatten_dict
 
-from dalle_space import checkpoints
+from dalle_space import checkpoints, vqgan
 from dalle_space.config import DalleBartConfig, VQGANConfig
 
 # Where each part's per-layer runtime tuple is stacked in the checkpoint (dalle_space.dallebart's names).
@@ -53,8 +53,11 @@ def write_folder(folder: Path, config: DalleBartConfig | VQGANConfig, params) ->
 
 def read_vqgan(folder: Path, config: VQGANConfig) -> dict:
     """The whole parameter tree (encoder included) of a VQGAN folder ``write_folder`` wrote with ``config``;
-    a folder of another configuration is refused, since its codes would not be the ones the DalleBart learns."""
+    a folder of another configuration is refused, since its codes would not be the ones the DalleBart learns,
+    and so is one without the encoder (the app's loader's tree check)."""
     written = VQGANConfig.from_dict(checkpoints.read_config(folder))
     if written != config:
         raise ValueError(f"{folder} holds a VQGAN of another configuration: {written}, not {config}")
-    return unflatten_dict(checkpoints.read_params(folder))
+    flat = checkpoints.read_params(folder)
+    checkpoints.check_tree(flat, vqgan.param_shapes(config), "VQGAN")
+    return unflatten_dict(flat)
