@@ -8,10 +8,10 @@ CPU, where one image token is a handful of matrix-vector products over ~0.8 GB o
 - ``layers`` is a tuple of one tree per layer. Layers run as a Python loop over separate weight buffers;
   a ``lax.scan`` over the stacked axis slices (copies) every layer's weights at every image position,
   which made a decoder step about four times slower.
-- every layer's dense ``kernel`` (in, out) is stored transposed as ``weight`` (out, in), and activations
-  are feature-major: (features, rows...). Each product is then ``weight @ h``, the layout XLA:CPU runs
-  fastest; with 16 rows the decoder's products ran twice as fast as ``h @ kernel``. The lm head keeps its
-  ``kernel`` (see ``_logits``). The public functions take and return the usual token-major arrays.
+- every dense ``kernel`` (in, out), the lm head's included, is stored transposed as ``weight`` (out, in),
+  and activations are feature-major: (features, rows...). Each product is then ``weight @ h``, the layout
+  XLA:CPU runs fastest; with 16 rows the decoder's products ran twice as fast as ``h @ kernel``, and the
+  lm head's 3-5x (see ``_logits``). The public functions take and return the usual token-major arrays.
 
 Architecture (normformer): each block is ``x + post_norm(op(pre_norm(x)))``; pre-norms have no scale;
 attention has no biases; the feed-forward is a GLU with an inner norm; learned absolute positions.
@@ -131,9 +131,9 @@ def param_shapes(config: DalleBartConfig) -> Params:
 def _place_runtime(leaves: dict[tuple, Any], path: tuple[str, ...],
                    make_arrays: Callable[[bool, bool], tuple]) -> None:
     """Put one checkpoint leaf into the flat runtime tree ``leaves``. ``make_arrays(stacked, transposed)``
-    gives its runtime arrays, one per layer when stacked; a layer's ``kernel`` is stored transposed as
+    gives its runtime arrays, one per layer when stacked; every ``kernel`` is stored transposed as
     ``weight``, and the stacked-layers name in its path becomes each array's layer index."""
-    transposed = path[-1] == "kernel" and path[0] != "lm_head"
+    transposed = path[-1] == "kernel"
     if transposed:
         path = (*path[:-1], "weight")
     stacked_at = next((i for i, name in enumerate(path) if name in (_ENCODER, _DECODER)), None)
@@ -241,7 +241,7 @@ def _embed(part: Params, ids, positions, dtype):
 
 def compute_dtype(params: Params):
     """The dtype the model computes in: that of its (cast) weights."""
-    return params["lm_head"]["kernel"].dtype
+    return params["lm_head"]["weight"].dtype
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -351,11 +351,15 @@ def _decoder_layer(h, p: Params, heads: int, self_attend, context: CrossContext,
 
 
 def _logits(params: Params, h):
-    """Token-major logits (..., vocab) of feature-major states (d, ...), as sampling wants them. Hence
-    ``h.T @ kernel``: with a transposed weight, XLA folds the transpose of the logits into the product and
-    runs it as a slow strided one (25x slower for two rows)."""
+    """Token-major logits (..., vocab) of feature-major states (d, ...), as sampling wants them.
+
+    The product is the plain (vocab, d) x (d, rows) one of every dense layer, and only its result is
+    transposed, behind a barrier: XLA folds a transpose on either side into the product, and XLA:CPU then
+    runs it strided (25x slower for two rows) or, for ``states.T @ kernel``, packs a copy of the weight for
+    every thread (mini, two to 32 rows: 24-35 MiB outside XLA's buffers, and 3-5x slower than this).
+    """
     h = layer_norm(h, params["model"]["decoder"]["final_ln"])
-    return jnp.moveaxis(h, 0, -1) @ params["lm_head"]["kernel"]
+    return jnp.moveaxis(lax.optimization_barrier(_dense(h, params["lm_head"])), 0, -1)
 
 
 def decode_logits(config: DalleBartConfig, params: Params, decoder_input_ids, encoder_states, attention_mask):

@@ -22,7 +22,7 @@ def test_shipped_folders_load_through_the_loader_and_are_the_presets():
     checkpoints.check_pair(config, vqgan_config, bundled.VQGAN)
     assert len(tokenizer) == config.encoder_vocab_size
     assert config.image_length == vqgan_config.grid_side**2 and vqgan_config.resolution == 64
-    assert params["lm_head"]["kernel"].shape == (config.d_model, config.decoder_vocab_size)
+    assert params["lm_head"]["weight"].shape == (config.decoder_vocab_size, config.d_model)
 
 
 @pytest.fixture(scope="module")

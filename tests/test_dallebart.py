@@ -136,7 +136,7 @@ def test_runtime_tree_splits_layers_and_transposes_layer_kernels():
     assert len(runtime["model"]["decoder"]["layers"]) == config.decoder_layers
     np.testing.assert_array_equal(second["GLU_0"]["Dense_0"]["weight"], layers["GLU_0"]["Dense_0"]["kernel"][1].T)
     np.testing.assert_array_equal(second["LayerNorm_1"]["scale"], layers["LayerNorm_1"]["scale"][1])
-    np.testing.assert_array_equal(runtime["lm_head"]["kernel"], stacked["lm_head"]["kernel"])
+    np.testing.assert_array_equal(runtime["lm_head"]["weight"], stacked["lm_head"]["kernel"].T)
 
 
 # ---------------------------------------------------------------------------------------------------

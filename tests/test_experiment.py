@@ -1,6 +1,7 @@
 """The experiment behind the Benchmark tab: the weight-streaming floor, memory measurement, the
 largest-batch search, product counts, and the sweep's rows, on the bundled tiny model."""
 
+import re
 import time
 
 import numpy as np
@@ -66,6 +67,18 @@ def test_serial_steps_have_about_twice_the_products_of_parallel(tiny):
     counts = {mode: experiment.products_per_step(tiny, mode) for mode in ("serial", "parallel", "conditional")}
     assert counts["parallel"] == counts["conditional"] > 0
     assert counts["serial"] >= 2 * counts["parallel"] - 4
+
+
+@pytest.mark.parametrize("mode, rows", [("parallel", 2), ("serial", 1)])
+def test_the_logits_product_reads_the_lm_head_as_stored(tiny, mode, rows):
+    """Logits come from weight (vocab, d) @ states (d, rows), transposed afterwards. Had XLA folded a transpose
+    into the product (states.T @ kernel), XLA:CPU would pack a copy of the weight for each thread from two rows
+    on (mini: 24-35 MiB that the memory estimate does not hold) and run it 3-5x slower."""
+    _, advance = tiny.compile_for_shape(SamplerSpec(1, 1, mode, 50, False), positions=1)
+    vocab = tiny.config.decoder_vocab_size
+    products = re.findall(rf"= f32\[([\d,]*\b{vocab}\b[\d,]*)\]\S* dot\(.*?\), (lhs_contracting_dims=\{{\d\}})",
+                          advance.as_text())
+    assert products and set(products) == {(f"{vocab},{rows}", "lhs_contracting_dims={1}")}
 
 
 def test_sweep_rows_follow_the_plan_and_report_progress(tiny):
