@@ -123,7 +123,7 @@ def test_mini_tree_has_the_leaves_upstream_printed():
     assert shapes["model/decoder/embed_positions/embedding"] == (256, 1024)
 
 
-def test_runtime_tree_splits_layers_and_transposes_layer_kernels():
+def test_runtime_tree_splits_layers_and_transposes_every_kernel():
     config = DALLEBART_PRESETS["tiny"]
     stacked = dallebart.init_params(config, 5)
     runtime = dallebart.runtime_params(flatten_dict(stacked))
