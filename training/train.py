@@ -1,11 +1,11 @@
 """Train the bundled model from nothing, seeded: scenes -> VQGAN -> codes -> DalleBart -> hub folders.
 
     python -m training.train --out DIR [--seed 0] [--scenes N] [--vqgan-steps N] [--dallebart-steps N]
-                             [--vqgan TRAINED]
+                             [--guided-steps N] [--vqgan TRAINED]
 
 Writes DIR/vqgan and DIR/dallebart (config.json, flax_model.msgpack; the tokenizer files with the DalleBart)
-and a loss log per stage in DIR/logs, with a progress bar per stage on the terminal. ``--vqgan`` takes the
-VQGAN folder of an earlier run (encoder included) instead of training stage 1 again: the DalleBart stage
+and a loss log per stage and phase in DIR/logs, with a progress bar for each on the terminal. ``--vqgan`` takes
+the VQGAN folder of an earlier run (encoder included) instead of training stage 1 again: the DalleBart stage
 alone, on the same scenes' codes, for trying its settings without the VQGAN stage's share of the hour.
 """
 
@@ -62,7 +62,10 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scenes", type=int, default=20000, help="training scenes (pictures and captions)")
     parser.add_argument("--vqgan-steps", type=int, default=vqgan_stage.VQGANTraining.steps)
-    parser.add_argument("--dallebart-steps", type=int, default=dallebart_stage.DalleBartTraining.steps)
+    parser.add_argument("--dallebart-steps", type=int, default=dallebart_stage.PLAIN.steps,
+                        help="steps of plain cross-entropy")
+    parser.add_argument("--guided-steps", type=int, default=dallebart_stage.GUIDED.steps,
+                        help="steps of the guided objective after them")
     parser.add_argument("--vqgan", type=Path, help="a trained VQGAN folder (OUT/vqgan of an earlier run) to use "
                                                    "instead of training stage 1")
     args = parser.parse_args(argv)
@@ -88,10 +91,14 @@ def main(argv=None) -> None:
     captions = text.encode_prompts(tokenizer, list(said), DALLEBART_CONFIG.max_text_length, None)
     pairs = dallebart_stage.Pairs(captions.input_ids, captions.attention_mask, np.tile(codes, (CAPTION_ROUNDS, 1)),
                                   *text.unconditional_ids(tokenizer, DALLEBART_CONFIG.max_text_length))
-    training = dataclasses.replace(dallebart_stage.DalleBartTraining(), steps=args.dallebart_steps)
-    log = _stage("dallebart", training.steps, args.out, ("loss",))
-    params = dallebart_stage.train(DALLEBART_CONFIG, training, pairs, args.seed, on_step=log)
-    log.close()
+    phases = [("dallebart", dataclasses.replace(dallebart_stage.PLAIN, steps=args.dallebart_steps)),
+              ("dallebart_guided", dataclasses.replace(dallebart_stage.GUIDED, steps=args.guided_steps))]
+    params = None
+    for offset, (phase, training) in enumerate(phases):  # each phase reads the pairs in an order of its own
+        log = _stage(phase, training.steps, args.out, ("loss",))
+        params = dallebart_stage.train(DALLEBART_CONFIG, training, pairs, args.seed + offset, on_step=log,
+                                       params=params)
+        log.close()
     export.write_folder(folder, DALLEBART_CONFIG, export.checkpoint_tree(params))
     print(f"wrote {args.out / 'vqgan'} and {folder} in {time.monotonic() - started:.0f} s")
 
