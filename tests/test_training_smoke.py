@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import optax
@@ -134,7 +136,7 @@ def test_guided_objective_scores_the_sampler_s_guided_logits():
 
 def test_guided_training_loss_falls_and_empties_no_caption(tmp_path):
     config, pairs = _dallebart_config(), _pairs(tmp_path)
-    training = dallebart_stage.DalleBartTraining(steps=8, batch_size=8, learning_rate=1e-2, guided_scale=10.0)
+    training = dataclasses.replace(dallebart_stage.GUIDED, steps=8, batch_size=8, learning_rate=1e-2)
     stream = dallebart_stage.batches(pairs, training, seed=0)
     for _ in range(20):  # the plain objective's 10% would empty about 16 of these 160 captions
         batch_ids, _, _ = next(stream)

@@ -29,7 +29,7 @@ class DalleBartTraining:
     steps: int = 1200
     batch_size: int = 32
     learning_rate: float = 1e-3
-    unconditional: float = 0.1  # share of captions swapped for the empty prompt (plain objective only)
+    unconditional: float = 0.1  # share of captions swapped for the empty prompt
     # Scale of the guided term: every pair is also read with the empty prompt, and the code scored under
     # uncond + scale * (cond - uncond), the distribution the sampler draws from; 0: plain cross-entropy.
     guided_scale: float = 0.0
@@ -37,7 +37,9 @@ class DalleBartTraining:
 
 # The bundled model's two phases, 0.74 s a step each on 2 CPU cores (a guided step reads 16 pairs twice).
 PLAIN = DalleBartTraining()
-GUIDED = DalleBartTraining(steps=800, batch_size=16, learning_rate=3e-4, guided_scale=DEFAULT_CONDITION_SCALE)
+# The guided phase empties no caption: it reads every pair with the empty prompt already.
+GUIDED = DalleBartTraining(steps=800, batch_size=16, learning_rate=3e-4, unconditional=0.0,
+                           guided_scale=DEFAULT_CONDITION_SCALE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +56,14 @@ class Pairs:
 def next_code_logits(config: DalleBartConfig, params, input_ids, attention_mask, codes):
     """Logits (B, T, image_vocab_size + 1) whose row t scores code t, having read the start token and
     codes 0 .. t-1 only."""
-    start = jnp.full((codes.shape[0], 1), config.decoder_start_token_id, codes.dtype)
-    decoder_input = jnp.concatenate([start, codes[:, :-1]], axis=1)
     states = dallebart.encode(config, params, input_ids, attention_mask)
-    return dallebart.decode_logits(config, params, decoder_input, states, attention_mask)
+    return dallebart.decode_logits(config, params, _teacher_input(config, codes), states, attention_mask)
+
+
+def _teacher_input(config: DalleBartConfig, codes):
+    """The decoder's input under teacher forcing: the start token, then every code but the last."""
+    start = jnp.full((codes.shape[0], 1), config.decoder_start_token_id, codes.dtype)
+    return jnp.concatenate([start, codes[:, :-1]], axis=1)
 
 
 def _cross_entropy(logits, codes):
@@ -72,15 +78,19 @@ def loss_fn(config: DalleBartConfig, params, input_ids, attention_mask, codes):
 def guided_loss_fn(config: DalleBartConfig, params, input_ids, attention_mask, codes, empty_ids, empty_mask,
                    scale: float):
     """Cross-entropy of every code given the caption, given the empty prompt, and under the guided logits
-    ``uncond + scale * (cond - uncond)``; both readings in one batched call, as the parallel sampler makes.
+    ``uncond + scale * (cond - uncond)``; both readings in one batched decoder call, as the parallel sampler
+    makes, and the empty prompt encoded once for all its rows, as the sampler encodes it.
 
     Plain cross-entropy leaves the codes neither reading expects untrained, and a scale of 10 turns their
     small, random differences into the most likely codes (training/README.md, "Third run"); the guided term
     scores exactly what sampling at that scale draws from.
     """
-    ids = sampler.stack_guidance_rows(input_ids, jnp.broadcast_to(empty_ids, input_ids.shape))
+    cond_states = dallebart.encode(config, params, input_ids, attention_mask)
+    empty_states = dallebart.encode(config, params, empty_ids, empty_mask)
+    states = sampler.stack_guidance_rows(cond_states, jnp.broadcast_to(empty_states, cond_states.shape))
     mask = sampler.stack_guidance_rows(attention_mask, jnp.broadcast_to(empty_mask, attention_mask.shape))
-    logits = next_code_logits(config, params, ids, mask, sampler.stack_guidance_rows(codes, codes))
+    decoder_input = _teacher_input(config, sampler.stack_guidance_rows(codes, codes))
+    logits = dallebart.decode_logits(config, params, decoder_input, states, mask)
     cond, uncond = sampler.split_guidance_rows(logits)
     return (_cross_entropy(cond, codes) + _cross_entropy(uncond, codes)
             + _cross_entropy(sampler.guide(cond, uncond, scale), codes))
@@ -107,15 +117,14 @@ def make_step(config: DalleBartConfig, training: DalleBartTraining):
 
 
 def batches(pairs: Pairs, training: DalleBartTraining, seed: int) -> Iterator[tuple[np.ndarray, ...]]:
-    """Endless shuffled (ids, mask, codes) batches, each epoch in a new seeded order, some captions emptied
-    (none under the guided objective, which reads every pair with the empty prompt too)."""
+    """Endless shuffled (ids, mask, codes) batches, each epoch in a new seeded order, some captions emptied."""
     rng = np.random.default_rng(seed)
     size = training.batch_size
     while True:
         order = rng.permutation(len(pairs.codes))
         for start in range(0, len(order) - size + 1, size):
             rows = order[start:start + size]
-            empty = rng.random(size) < (0.0 if training.guided_scale else training.unconditional)
+            empty = rng.random(size) < training.unconditional
             ids = np.where(empty[:, None], pairs.empty_ids, pairs.input_ids[rows])
             mask = np.where(empty[:, None], pairs.empty_mask, pairs.attention_mask[rows])
             yield ids, mask, pairs.codes[rows]
