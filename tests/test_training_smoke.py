@@ -110,7 +110,7 @@ def test_dallebart_stage_loss_falls_on_captions_and_codes(tmp_path):
     assert np.mean(losses[-3:]) < 0.8 * losses[0], losses  # measured: 3.45 -> 2.25
 
 
-def test_guided_objective_scores_the_sampler_s_guided_logits():
+def test_guided_objective_scores_the_sampler_s_guided_logits(tmp_path):
     """The guided loss reads each pair with its caption and with the empty prompt, and its third term is the
     cross-entropy under the logits the sampler draws from at that scale."""
     config = _dallebart_config()
@@ -118,8 +118,8 @@ def test_guided_objective_scores_the_sampler_s_guided_logits():
     rng = np.random.default_rng(0)
     ids = rng.integers(3, config.encoder_vocab_size, (2, config.max_text_length), np.int32)
     mask = np.ones_like(ids)
-    empty_ids, empty_mask = np.zeros((1, config.max_text_length), np.int32), np.zeros_like(ids[:1])
-    empty_ids[0, :2], empty_mask[0, :2] = (0, 2), 1
+    text.write_tiny_tokenizer(tmp_path)
+    empty_ids, empty_mask = text.unconditional_ids(text.load_tokenizer(tmp_path), config.max_text_length)
     codes = rng.integers(0, config.image_vocab_size, (2, config.image_length), np.int32)
     cond = dallebart_stage.next_code_logits(config, params, ids, mask, codes)
     uncond = dallebart_stage.next_code_logits(config, params, np.repeat(empty_ids, 2, 0),
