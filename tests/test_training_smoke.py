@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import optax
 
-from dalle_space import dallebart, text, vqgan
+from dalle_space import dallebart, scenes, text, vqgan
 from dalle_space.config import DalleBartConfig, VQGANConfig
 from training import dallebart_stage, data, vqgan_stage
 from training.train import VQGAN_CONFIG
@@ -79,6 +79,67 @@ def test_reconstruction_error_reaches_the_encoder_through_the_quantiser():
         assert bool(np.any(np.asarray(g) != 0)) == (not name.startswith("quantize/")), name
 
 
+def test_flat_phase_continues_from_the_first_phase():
+    images = data.make_scenes(seed=0, n=32, resolution=CONFIG.resolution).images
+    first = vqgan_stage.train(CONFIG, TRAINING, images, seed=0)
+    flat = dataclasses.replace(vqgan_stage.FLAT, steps=8, batch_size=8)
+    fresh, continued = [], []
+    vqgan_stage.train(CONFIG, flat, images, seed=1, on_step=lambda step, loss, terms: fresh.append(loss))
+    params = vqgan_stage.train(CONFIG, flat, images, seed=1, params=first,
+                               on_step=lambda step, loss, terms: continued.append(loss))
+    assert continued[0] < 0.8 * fresh[0] and all(np.isfinite(continued)), (fresh, continued)
+    assert [(p, np.shape(a)) for p, a in _flat(first)] == [(p, np.shape(a)) for p, a in _flat(params)]
+
+
+def test_flat_colours_reads_cells_of_one_colour_in_code_order():
+    """A red square in the top right cell of a blue picture: cells inside it are red, cells its edge crosses
+    are neither, the rest blue; cells in row-major order, as the VQGAN's codes are."""
+    scene = scenes.Scene("blue", (scenes.Shape("red", "square", "big", "top right"),))
+    flat = data.flat_colours(scenes.render(scene, 64)[None], cell=4)[0].reshape(16, 16)
+    red, blue = list(scenes.COLOURS).index("red"), list(scenes.COLOURS).index("blue")
+    assert (flat[1:4, 12:15] == red).all()  # the square covers pixels 45.3 to 61.3 of rows 2.7 to 18.7
+    assert (flat[0, 11:16] == -1).all() and (flat[1:4, 11] == -1).all()  # its anti-aliased edge
+    assert (flat[6:, :] == blue).all() and (flat[:, :10] == blue).all()
+
+
+def test_flat_phase_decodes_from_the_held_codes():
+    """The reconstruction term reads the forced codes where they are given, the nearest codes elsewhere."""
+    params = vqgan.init_params(CONFIG, 0)
+    images = data.to_unit(data.make_scenes(seed=2, n=2, resolution=CONFIG.resolution).images)
+    forced = np.full((2, CONFIG.grid_side**2), 5, np.int32)
+    reconstruction = vqgan_stage.loss_fn(CONFIG, params, images, 0.25, forced)[1][0][0]
+    expected = np.mean((np.asarray(vqgan.decode_codes(CONFIG, params, forced)) - images) ** 2)
+    np.testing.assert_allclose(reconstruction, expected, rtol=1e-5)
+    nearest = vqgan_stage.loss_fn(CONFIG, params, images, 0.25, np.full_like(forced, -1))
+    assert np.asarray(nearest[1][2]).ravel().tolist() == np.asarray(
+        vqgan.encode_images(CONFIG, params, images)).ravel().tolist()
+
+
+def test_flat_codes_give_every_flat_cell_its_colour_s_code():
+    """Stage 2's targets: one code per colour on its flat cells (the one they take most often), the encoder's
+    nearest codes on the others."""
+    params = vqgan.init_params(CONFIG, 0)
+    images = data.make_scenes(seed=4, n=16, resolution=CONFIG.resolution).images
+    codes = vqgan_stage.flat_codes(CONFIG, params, images)
+    nearest = vqgan_stage.encode_all(CONFIG, params, images)
+    flat = data.flat_colours(images, CONFIG.resolution // CONFIG.grid_side)
+    assert codes.dtype == np.int32 and codes.shape == nearest.shape
+    assert (codes[flat < 0] == nearest[flat < 0]).all()
+    present = [colour for colour in range(len(scenes.COLOURS)) if (flat == colour).any()]
+    assert len(present) >= 4
+    for colour in present:
+        assert (codes[flat == colour] == np.bincount(nearest[flat == colour]).argmax()).all(), colour
+
+
+def test_vqgan_batches_keep_each_picture_with_its_held_codes():
+    images = np.arange(12, dtype=np.uint8)[:, None, None, None] * np.ones((12, 2, 2, 3), np.uint8)
+    forced = np.arange(12, dtype=np.int32)[:, None] * np.ones((12, 4), np.int32)
+    stream = vqgan_stage.batches(images, forced, batch_size=4, seed=0)
+    for _ in range(5):
+        batch, rows = next(stream)
+        np.testing.assert_array_equal(batch, data.to_unit(images[rows[:, 0]]))
+
+
 def _dallebart_config() -> DalleBartConfig:
     end = CONFIG.n_embed
     return DalleBartConfig(
@@ -91,7 +152,7 @@ def _dallebart_config() -> DalleBartConfig:
 def _pairs(folder) -> dallebart_stage.Pairs:
     """16 scenes' captions and their codes from an untrained VQGAN, as train.py makes them."""
     scenes = data.make_scenes(seed=0, n=16, resolution=CONFIG.resolution)
-    codes = vqgan_stage.encode_all(CONFIG, vqgan.init_params(CONFIG, 0), scenes.images, batch_size=8)
+    codes = vqgan_stage.flat_codes(CONFIG, vqgan.init_params(CONFIG, 0), scenes.images)
     text.write_tiny_tokenizer(folder)
     tokenizer = text.load_tokenizer(folder)
     max_length = _dallebart_config().max_text_length
@@ -106,7 +167,8 @@ def test_dallebart_stage_loss_falls_on_captions_and_codes(tmp_path):
     training = dallebart_stage.DalleBartTraining(steps=8, batch_size=8, learning_rate=1e-2)
     dallebart_stage.train(config, training, pairs, seed=0, on_step=lambda step, loss: losses.append(loss))
     assert pairs.codes.shape == (16, 256) and pairs.codes.dtype == np.int32
-    assert abs(losses[0] - np.log(config.decoder_vocab_size)) < 0.1  # uniform guesses at the start
+    # near uniform guesses at the start (measured 3.34 against ln 33 = 3.50: few codes, random logits)
+    assert abs(losses[0] - np.log(config.decoder_vocab_size)) < 0.25
     assert np.mean(losses[-3:]) < 0.8 * losses[0], losses  # measured: 3.45 -> 2.25
 
 

@@ -36,6 +36,18 @@ def recaption(scene_set: SceneSet, seed: int, rounds: int) -> tuple[str, ...]:
     return tuple(scenes.caption(scene, rng) for _ in range(rounds) for scene in scene_set.scenes)
 
 
+def flat_colours(images: np.ndarray, cell: int) -> np.ndarray:
+    """int (N, cells) index into scenes.COLOURS of each cell x cell block whose pixels all have that one
+    colour, -1 for the others (a shape's edge); blocks in row-major order, the order of a VQGAN's codes when
+    ``cell`` is its downsampling factor."""
+    n, side = len(images), images.shape[1] // cell
+    blocks = images.reshape(n, side, cell, side, cell, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, side * side, -1, 3)
+    out = np.full((n, side * side), -1)
+    for index, rgb in enumerate(scenes.COLOURS.values()):
+        out[(blocks == np.array(rgb, images.dtype)).all((2, 3))] = index
+    return out
+
+
 def to_unit(images: np.ndarray) -> np.ndarray:
     """uint8 pixels as float32 in [0, 1], the range the VQGAN reads and writes."""
     return images.astype(np.float32) / 255.0

@@ -1,12 +1,12 @@
 """Train the bundled model from nothing, seeded: scenes -> VQGAN -> codes -> DalleBart -> hub folders.
 
-    python -m training.train --out DIR [--seed 0] [--scenes N] [--vqgan-steps N] [--dallebart-steps N]
-                             [--guided-steps N] [--vqgan TRAINED]
+    python -m training.train --out DIR [--seed 0] [--scenes N] [--vqgan-steps N] [--flat-steps N]
+                             [--dallebart-steps N] [--guided-steps N] [--vqgan TRAINED]
 
 Writes DIR/vqgan and DIR/dallebart (config.json, flax_model.msgpack; the tokenizer files with the DalleBart)
 and a loss log per stage and phase in DIR/logs, with a progress bar for each on the terminal. ``--vqgan`` takes
-the VQGAN folder of an earlier run (encoder included) instead of training stage 1 again: the DalleBart stage
-alone, on the same scenes' codes, for trying its settings without the VQGAN stage's share of the hour.
+the VQGAN folder of an earlier run (encoder included) instead of the VQGAN's first phase; with ``--flat-steps 0``
+the DalleBart stage runs alone on that VQGAN's codes, for trying its settings without the VQGAN's share of the hour.
 """
 
 from __future__ import annotations
@@ -62,12 +62,14 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scenes", type=int, default=20000, help="training scenes (pictures and captions)")
     parser.add_argument("--vqgan-steps", type=int, default=vqgan_stage.VQGANTraining.steps)
+    parser.add_argument("--flat-steps", type=int, default=vqgan_stage.FLAT.steps,
+                        help="steps of the VQGAN's second phase, flat cells held to their colour's code")
     parser.add_argument("--dallebart-steps", type=int, default=dallebart_stage.PLAIN.steps,
                         help="steps of plain cross-entropy")
     parser.add_argument("--guided-steps", type=int, default=dallebart_stage.GUIDED.steps,
                         help="steps of the guided objective after them")
     parser.add_argument("--vqgan", type=Path, help="a trained VQGAN folder (OUT/vqgan of an earlier run) to use "
-                                                   "instead of training stage 1")
+                                                   "instead of the VQGAN's first phase")
     args = parser.parse_args(argv)
     started = time.monotonic()
 
@@ -80,8 +82,14 @@ def main(argv=None) -> None:
         vq_params = vqgan_stage.train(VQGAN_CONFIG, training, scenes.images, args.seed,
                                       on_step=lambda step, loss, terms: log(step, loss, *terms))
         log.close()
+    if args.flat_steps:
+        training = dataclasses.replace(vqgan_stage.FLAT, steps=args.flat_steps)
+        log = _stage("vqgan_flat", training.steps, args.out, ("loss", "reconstruction", "quantisation"))
+        vq_params = vqgan_stage.train(VQGAN_CONFIG, training, scenes.images, args.seed + 1,  # an order of its own
+                                      on_step=lambda step, loss, terms: log(step, loss, *terms), params=vq_params)
+        log.close()
     export.write_folder(args.out / "vqgan", VQGAN_CONFIG, vq_params)
-    codes = vqgan_stage.encode_all(VQGAN_CONFIG, vq_params, scenes.images)
+    codes = vqgan_stage.flat_codes(VQGAN_CONFIG, vq_params, scenes.images)
 
     folder = args.out / "dallebart"
     folder.mkdir(parents=True, exist_ok=True)

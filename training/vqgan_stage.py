@@ -11,6 +11,12 @@ far from the encoder's outputs, it collapsed to 2 of its 256 codes and reconstru
 So it starts as k-means centres of the first batches' latents, and every ``reseed_every`` steps the codes no
 latent chose since the last check move onto current latents, drawn in proportion to how badly they are
 quantised now. Both only set codebook rows, so the exported tree is an ordinary checkpoint.
+
+A second phase (``FLAT``) gives the DalleBart codes it can predict. Trained as above, the encoder's global
+attention spreads what it sees of the shapes over the background, so a plain background takes 18 different
+codes in one picture and only a quarter of flat cells get their colour's most common code: noise the DalleBart
+spends its loss on. ``FLAT`` holds every cell of one named colour to that colour's code (``colour_codes``) for
+a few hundred steps, so the decoder learns to draw from such maps, and stage 2 reads ``flat_codes`` maps.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dalle_space import vqgan
+from dalle_space import scenes, vqgan
 from dalle_space.config import VQGANConfig
 from training import data
 
@@ -38,17 +44,25 @@ class VQGANTraining:
     kmeans_batches: int = 4  # batches of latents the codebook starts from as k-means centres; 0: init_params'
     reseed_every: int = 50  # steps between re-seeding the codes left unused; 0: never
     reseed_until: float = 0.8  # share of the steps after which the codebook is left to settle
+    flat: bool = False  # every cell of one named colour takes that colour's code, not its nearest
 
 
-def loss_fn(config: VQGANConfig, params, images, commitment: float):
+# The second phase, from the first's parameters: 300 steps of flat cells held to their colour's code.
+FLAT = VQGANTraining(steps=300, learning_rate=5e-4, kmeans_batches=0, reseed_every=0, flat=True)
+
+
+def loss_fn(config: VQGANConfig, params, images, commitment: float, forced=None):
     """(total loss, ((reconstruction error, quantisation error), latents, codes)) on images (B, H, W, 3) in
-    [0, 1]; the latents and their codes are what re-seeding reads.
+    [0, 1]; the latents and their codes are what re-seeding reads. ``forced`` (B, h * w): the code each cell
+    must take, -1 where its nearest code stands.
 
     The quantisation error |z - e|^2 enters twice with different gradients: in full towards the codebook
     entries e, times ``commitment`` towards the encoder's latents z.
     """
     latents = vqgan.encode_latents(config, params, images)
     codes = vqgan.nearest_codes(params, latents)
+    if forced is not None:
+        codes = jnp.where(forced.reshape(codes.shape) >= 0, forced.reshape(codes.shape), codes)
     table = params["quantize"]["embedding"]["embedding"]
     chosen = jnp.take(table, codes, axis=0).reshape(latents.shape)
     straight_through = latents + jax.lax.stop_gradient(chosen - latents)
@@ -60,15 +74,15 @@ def loss_fn(config: VQGANConfig, params, images, commitment: float):
 
 @functools.lru_cache(maxsize=4)
 def make_step(config: VQGANConfig, training: VQGANTraining):
-    """The optimiser and a jitted ``step(params, opt_state, images) -> (params, opt_state, loss, terms,
-    latents, codes)``, the latents flat (B * h * w, embed_dim); cached, so runs with the same settings
+    """The optimiser and a jitted ``step(params, opt_state, images, forced) -> (params, opt_state, loss,
+    terms, latents, codes)``, the latents flat (B * h * w, embed_dim); cached, so runs with the same settings
     compile once."""
     optimiser = optax.adam(training.learning_rate)
 
     @jax.jit
-    def step(params, opt_state, images):
+    def step(params, opt_state, images, forced):
         (loss, (terms, latents, codes)), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
-            config, params, images, training.commitment)
+            config, params, images, training.commitment, forced)
         updates, opt_state = optimiser.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state, loss, terms,
                 latents.reshape(-1, latents.shape[-1]), codes.reshape(-1))
@@ -76,31 +90,38 @@ def make_step(config: VQGANConfig, training: VQGANTraining):
     return optimiser, step
 
 
-def batches(images: np.ndarray, batch_size: int, seed: int) -> Iterator[np.ndarray]:
-    """Endless shuffled batches of float32 [0, 1] images, each epoch in a new seeded order."""
+def batches(images: np.ndarray, forced: np.ndarray, batch_size: int, seed: int) -> Iterator[tuple[np.ndarray, ...]]:
+    """Endless shuffled batches of float32 [0, 1] images and their rows of ``forced``, each epoch in a new
+    seeded order."""
     rng = np.random.default_rng(seed)
     while True:
         order = rng.permutation(len(images))
         for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield data.to_unit(images[order[start:start + batch_size]])
+            rows = order[start:start + batch_size]
+            yield data.to_unit(images[rows]), forced[rows]
 
 
 def train(config: VQGANConfig, training: VQGANTraining, images: np.ndarray, seed: int,
-          on_step=lambda step, loss, terms: None) -> Any:
-    """Trained parameters from ``vqgan.init_params(config, seed)``; ``on_step`` sees every step's losses."""
-    params = jax.tree.map(jnp.asarray, vqgan.init_params(config, seed))
+          on_step=lambda step, loss, terms: None, params=None) -> Any:
+    """Trained parameters from ``params`` (the first phase's, for ``FLAT``) or else from
+    ``vqgan.init_params(config, seed)``; ``on_step`` sees every step's losses."""
+    if params is None:
+        params = vqgan.init_params(config, seed)
+    params = jax.tree.map(jnp.asarray, params)
     rng = np.random.default_rng(seed)
-    stream = batches(images, training.batch_size, seed)
+    forced = (held_codes(config, params, images) if training.flat
+              else np.full((len(images), config.grid_side**2), -1, np.int32))
+    stream = batches(images, forced, training.batch_size, seed)
     if training.kmeans_batches:
         encode = jax.jit(vqgan.encode_latents, static_argnums=0)
-        latents = np.concatenate([np.asarray(encode(config, params, next(stream))).reshape(-1, config.embed_dim)
+        latents = np.concatenate([np.asarray(encode(config, params, next(stream)[0])).reshape(-1, config.embed_dim)
                                   for _ in range(training.kmeans_batches)])
         params = _with_codebook(params, kmeans(latents, config.n_embed, rng))
     optimiser, step = make_step(config, training)
     opt_state = optimiser.init(params)
     unused = np.ones(config.n_embed, bool)
     for i in range(training.steps):
-        params, opt_state, loss, terms, latents, codes = step(params, opt_state, next(stream))
+        params, opt_state, loss, terms, latents, codes = step(params, opt_state, *next(stream))
         on_step(i, float(loss), tuple(float(t) for t in terms))
         if training.reseed_every:
             unused[np.asarray(codes)] = False
@@ -146,8 +167,35 @@ def reseeded(latents: np.ndarray, table: np.ndarray, n: int, rng: np.random.Gene
     return latents[picks] + 1e-3 * rng.standard_normal((n, latents.shape[1])).astype(np.float32)
 
 
+# Pictures whose flat cells elect each colour's code: thousands of cells of every colour.
+ELECTION_PICTURES = 2000
+
+
+def colour_codes(config: VQGANConfig, params, images: np.ndarray) -> np.ndarray:
+    """int32 (len(scenes.COLOURS),): the code each colour's flat cells most often take in the first
+    ``ELECTION_PICTURES`` pictures, -1 for a colour with no flat cell there."""
+    sample = images[:ELECTION_PICTURES]
+    codes = encode_all(config, params, sample)
+    flat = data.flat_colours(sample, config.resolution // config.grid_side)
+    return np.array([np.bincount(codes[flat == colour]).argmax() if (flat == colour).any() else -1
+                     for colour in range(len(scenes.COLOURS))], np.int32)
+
+
+def held_codes(config: VQGANConfig, params, images: np.ndarray) -> np.ndarray:
+    """int32 (N, grid_side**2): each flat cell's colour code (``colour_codes``), -1 for the other cells."""
+    table = np.append(colour_codes(config, params, images), np.int32(-1))  # flat_colours' -1 picks the -1
+    return table[data.flat_colours(images, config.resolution // config.grid_side)]
+
+
+def flat_codes(config: VQGANConfig, params, images: np.ndarray) -> np.ndarray:
+    """Stage 2's targets: ``encode_all``'s codes with every flat cell given its colour's code, the maps
+    ``FLAT`` trains the decoder to draw from."""
+    held = held_codes(config, params, images)
+    return np.where(held >= 0, held, encode_all(config, params, images)).astype(np.int32)
+
+
 def encode_all(config: VQGANConfig, params, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """int32 codes (N, grid_side**2) of uint8 pictures, a batch at a time: stage 2's targets."""
+    """int32 nearest codes (N, grid_side**2) of uint8 pictures, a batch at a time (``flat_codes`` builds on them)."""
     encode = jax.jit(vqgan.encode_images, static_argnums=0)
     return np.concatenate([np.asarray(encode(config, params, data.to_unit(images[i:i + batch_size])))
                            for i in range(0, len(images), batch_size)])
