@@ -26,7 +26,7 @@ from dalle_space.sampler import DEFAULT_CONDITION_SCALE
 
 @dataclasses.dataclass(frozen=True)
 class DalleBartTraining:
-    steps: int = 1200
+    steps: int = 1800
     batch_size: int = 32
     learning_rate: float = 1e-3
     unconditional: float = 0.1  # share of captions swapped for the empty prompt
