@@ -179,9 +179,11 @@ def test_a_full_queue_is_refused_by_gradio_and_the_app_recovers(client, max_imag
     while blocker.status().code not in (Status.PROCESSING, Status.PROGRESS, Status.FINISHED):
         assert time.monotonic() < deadline, "the first job never started"
         time.sleep(0.05)
-    # Distinct seeds: gradio rewrites an identical output's cache file in place, which can cut short a
-    # concurrent download of that same file.
-    waiting = [client.submit(**{**GOOD, "seed": 100 + i}, api_name="/generate") for i in range(QUEUE_MAX_SIZE + 2)]
+    # Distinct pictures, from distinct seeds of a prompt the bundled model draws (an unknown prompt gets the same
+    # plain picture for every seed): gradio rewrites an identical output's cache file in place, which can cut
+    # short a concurrent download of that same file.
+    waiting = [client.submit(**{**GOOD, "prompt": bundled.PROMPTS[0], "seed": 100 + i}, api_name="/generate")
+               for i in range(QUEUE_MAX_SIZE + 2)]
     wait([blocker.future, *(job.future for job in waiting)], timeout=300)
 
     refused = [job for job in waiting if isinstance(job.exception(), QueueError)]
