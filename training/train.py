@@ -56,6 +56,15 @@ def _stage(name: str, steps: int, out: Path, columns: tuple[str, ...]) -> _Log:
     return _Log(out / "logs" / f"{name}.tsv", tqdm(total=steps, desc=name, unit="step"), columns)
 
 
+def _vqgan_phase(name: str, training, images: np.ndarray, seed: int, out: Path, params=None):
+    """One VQGAN phase with its progress bar and loss log; its trained parameters."""
+    log = _stage(name, training.steps, out, ("loss", "reconstruction", "quantisation"))
+    params = vqgan_stage.train(VQGAN_CONFIG, training, images, seed,
+                               on_step=lambda step, loss, terms: log(step, loss, *terms), params=params)
+    log.close()
+    return params
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -77,17 +86,11 @@ def main(argv=None) -> None:
     if args.vqgan:
         vq_params = export.read_vqgan(args.vqgan, VQGAN_CONFIG)
     else:
-        training = dataclasses.replace(vqgan_stage.VQGANTraining(), steps=args.vqgan_steps)
-        log = _stage("vqgan", training.steps, args.out, ("loss", "reconstruction", "quantisation"))
-        vq_params = vqgan_stage.train(VQGAN_CONFIG, training, scenes.images, args.seed,
-                                      on_step=lambda step, loss, terms: log(step, loss, *terms))
-        log.close()
-    if args.flat_steps:
-        training = dataclasses.replace(vqgan_stage.FLAT, steps=args.flat_steps)
-        log = _stage("vqgan_flat", training.steps, args.out, ("loss", "reconstruction", "quantisation"))
-        vq_params = vqgan_stage.train(VQGAN_CONFIG, training, scenes.images, args.seed + 1,  # an order of its own
-                                      on_step=lambda step, loss, terms: log(step, loss, *terms), params=vq_params)
-        log.close()
+        vq_params = _vqgan_phase("vqgan", dataclasses.replace(vqgan_stage.VQGANTraining(), steps=args.vqgan_steps),
+                                 scenes.images, args.seed, args.out)
+    if args.flat_steps:  # a batch order of its own
+        vq_params = _vqgan_phase("vqgan_flat", dataclasses.replace(vqgan_stage.FLAT, steps=args.flat_steps),
+                                 scenes.images, args.seed + 1, args.out, vq_params)
     export.write_folder(args.out / "vqgan", VQGAN_CONFIG, vq_params)
     codes = vqgan_stage.flat_codes(VQGAN_CONFIG, vq_params, scenes.images)
 

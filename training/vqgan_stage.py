@@ -90,15 +90,15 @@ def make_step(config: VQGANConfig, training: VQGANTraining):
     return optimiser, step
 
 
-def batches(images: np.ndarray, forced: np.ndarray, batch_size: int, seed: int) -> Iterator[tuple[np.ndarray, ...]]:
-    """Endless shuffled batches of float32 [0, 1] images and their rows of ``forced``, each epoch in a new
-    seeded order."""
+def batches(images: np.ndarray, forced: np.ndarray | None, batch_size: int, seed: int) -> Iterator[tuple]:
+    """Endless shuffled batches of float32 [0, 1] images and their rows of ``forced`` (None: nearest codes
+    everywhere), each epoch in a new seeded order."""
     rng = np.random.default_rng(seed)
     while True:
         order = rng.permutation(len(images))
         for start in range(0, len(order) - batch_size + 1, batch_size):
             rows = order[start:start + batch_size]
-            yield data.to_unit(images[rows]), forced[rows]
+            yield data.to_unit(images[rows]), None if forced is None else forced[rows]
 
 
 def train(config: VQGANConfig, training: VQGANTraining, images: np.ndarray, seed: int,
@@ -109,8 +109,10 @@ def train(config: VQGANConfig, training: VQGANTraining, images: np.ndarray, seed
         params = vqgan.init_params(config, seed)
     params = jax.tree.map(jnp.asarray, params)
     rng = np.random.default_rng(seed)
-    forced = (held_codes(config, params, images) if training.flat
-              else np.full((len(images), config.grid_side**2), -1, np.int32))
+    forced = None
+    if training.flat:  # only the election's pictures need encoding
+        forced = held_codes(encode_all(config, params, images[:ELECTION_PICTURES]),
+                            data.flat_colours(images, config.resolution // config.grid_side))
     stream = batches(images, forced, training.batch_size, seed)
     if training.kmeans_batches:
         encode = jax.jit(vqgan.encode_latents, static_argnums=0)
@@ -171,27 +173,26 @@ def reseeded(latents: np.ndarray, table: np.ndarray, n: int, rng: np.random.Gene
 ELECTION_PICTURES = 2000
 
 
-def colour_codes(config: VQGANConfig, params, images: np.ndarray) -> np.ndarray:
+def colour_codes(codes: np.ndarray, flat: np.ndarray) -> np.ndarray:
     """int32 (len(scenes.COLOURS),): the code each colour's flat cells most often take in the first
-    ``ELECTION_PICTURES`` pictures, -1 for a colour with no flat cell there."""
-    sample = images[:ELECTION_PICTURES]
-    codes = encode_all(config, params, sample)
-    flat = data.flat_colours(sample, config.resolution // config.grid_side)
+    ``ELECTION_PICTURES`` rows of ``codes`` (nearest codes) and ``flat`` (``data.flat_colours`` of the same
+    pictures), -1 for a colour with no flat cell there."""
+    codes, flat = codes[:ELECTION_PICTURES], flat[:ELECTION_PICTURES]
     return np.array([np.bincount(codes[flat == colour]).argmax() if (flat == colour).any() else -1
                      for colour in range(len(scenes.COLOURS))], np.int32)
 
 
-def held_codes(config: VQGANConfig, params, images: np.ndarray) -> np.ndarray:
-    """int32 (N, grid_side**2): each flat cell's colour code (``colour_codes``), -1 for the other cells."""
-    table = np.append(colour_codes(config, params, images), np.int32(-1))  # flat_colours' -1 picks the -1
-    return table[data.flat_colours(images, config.resolution // config.grid_side)]
+def held_codes(codes: np.ndarray, flat: np.ndarray) -> np.ndarray:
+    """int32 like ``flat``: each flat cell's colour code (``colour_codes``), -1 for the other cells."""
+    return np.append(colour_codes(codes, flat), np.int32(-1))[flat]  # flat_colours' -1 picks the -1
 
 
 def flat_codes(config: VQGANConfig, params, images: np.ndarray) -> np.ndarray:
     """Stage 2's targets: ``encode_all``'s codes with every flat cell given its colour's code, the maps
     ``FLAT`` trains the decoder to draw from."""
-    held = held_codes(config, params, images)
-    return np.where(held >= 0, held, encode_all(config, params, images)).astype(np.int32)
+    codes = encode_all(config, params, images)
+    held = held_codes(codes, data.flat_colours(images, config.resolution // config.grid_side))
+    return np.where(held >= 0, held, codes).astype(np.int32)
 
 
 def encode_all(config: VQGANConfig, params, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
