@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import numpy as np
 import optax
+import pytest
 
 from dalle_space import dallebart, scenes, text, vqgan
 from dalle_space.config import DalleBartConfig, VQGANConfig
@@ -194,6 +195,29 @@ def test_guided_objective_scores_the_sampler_s_guided_logits(tmp_path):
         expected = entropy(cond) + entropy(uncond) + entropy(uncond + scale * (cond - uncond))
         got = float(dallebart_stage.guided_loss_fn(config, params, ids, mask, codes, empty_ids, empty_mask, scale))
         np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("phase", [dallebart_stage.PLAIN, dallebart_stage.GUIDED])
+def test_learning_rate_warms_up_to_the_peak_then_decays_to_the_end_rate(phase):
+    rate = dallebart_stage.learning_rate_schedule(phase)
+    warm = int(phase.warmup * phase.steps)
+    rates = [float(rate(step)) for step in range(phase.steps)]
+    assert rates[0] < rates[warm // 2] < rates[warm] == pytest.approx(phase.learning_rate)
+    assert all(a >= b for a, b in zip(rates[warm:], rates[warm + 1:]))
+    assert rates[-1] == pytest.approx(phase.final_learning_rate, rel=0.01)
+
+
+def test_the_optimiser_steps_at_the_scheduled_rate(tmp_path):
+    """The first step of a warm-up (rate 0) leaves every weight where it was; without a warm-up it moves them."""
+    config, pairs = _dallebart_config(), _pairs(tmp_path)
+    start = dallebart.init_params(config, 0, runtime=True)
+    for warmup, moves in ((0.5, False), (0.0, True)):
+        training = dallebart_stage.DalleBartTraining(steps=4, batch_size=2, warmup=warmup)
+        optimiser, step = dallebart_stage.make_step(config, training)
+        batch = next(dallebart_stage.batches(pairs, training, seed=0))
+        params, _, _ = step(start, optimiser.init(start), *batch, pairs.empty_ids, pairs.empty_mask)
+        leaves = zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(start))
+        assert any(not np.array_equal(a, b) for a, b in leaves) == moves
 
 
 def test_guided_training_loss_falls_and_empties_no_caption(tmp_path):
