@@ -15,7 +15,7 @@ import threading
 import unicodedata
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import gradio as gr
 import numpy as np
@@ -333,31 +333,32 @@ def _captions(prompts, seeds) -> list[str]:
     return [f"#{i + 1} · seed {seed} · {prompt}" for i, (prompt, seed) in enumerate(zip(prompts, seeds))]
 
 
-def _gallery(request: Request, images: np.ndarray, prompts: list[str], seeds: list[int],
-             captions: list[str]) -> list[tuple[Image.Image, str]]:
+def _gallery(request: Request, images: np.ndarray, prompts: Sequence[str], seeds: Sequence[int],
+             caption_suffix: str = "") -> list[tuple[Image.Image, str]]:
     """Captioned pictures whose PNG text chunks say what made them (prompt, seed, settings, model), so a
     downloaded picture can be made again, and give each an id of its own. The id is not decoration: gradio
     names a cached picture after its bytes and rewrites a file of equal bytes in place, which cuts short a
     concurrent download of the same picture (one prompt and seed asked twice, or a prompt the bundled model
     draws as one plain picture whatever the seed)."""
+    settings = {
+        "condition_scale": f"{request.condition_scale:g}", "top_k": str(request.top_k),
+        "top_p": f"{request.top_p or 1:g}", "temperature": f"{request.temperature:g}",
+        "model": engine.info.model, "revision": engine.info.revision or "unpinned",
+    }
     batch = uuid.uuid4().hex
     gallery = []
+    captions = _captions(prompts, seeds)
     for place, (image, prompt, seed, caption) in enumerate(zip(images, prompts, seeds, captions), 1):
         picture = Image.fromarray(image)
-        picture.info.update({
-            "prompt": prompt, "seed": str(seed), "condition_scale": f"{request.condition_scale:g}",
-            "top_k": str(request.top_k), "top_p": f"{request.top_p or 1:g}", "temperature": f"{request.temperature:g}",
-            "model": engine.info.model, "revision": engine.info.revision or "unpinned",
-            "image_id": f"{batch}-{place}",
-        })
-        gallery.append((picture, caption))
+        picture.info.update(settings, prompt=prompt, seed=str(seed), image_id=f"{batch}-{place}")
+        gallery.append((picture, caption + caption_suffix))
     return gallery
 
 
 def _preview_gallery(request: Request, images: np.ndarray) -> list[tuple[Image.Image, str]]:
     prompts = [p for p in request.prompts for _ in range(request.n_seeds)]
     seeds = [request.seed + j for _ in request.prompts for j in range(request.n_seeds)]
-    return _gallery(request, images, prompts, seeds, [f"{c} (preview)" for c in _captions(prompts, seeds)])
+    return _gallery(request, images, prompts, seeds, " (preview)")
 
 
 def _steady_seconds(result: Result) -> float:
@@ -421,7 +422,7 @@ def _outcome(request: Request, results: list[Result]) -> Outcome:
     if len(results) > 1:
         summary["parallel_speedup"] = round(_speedup(results), 3)
         summary["identical_images"] = bool(np.array_equal(results[0].tokens, results[1].tokens))
-    gallery = _gallery(request, final.images, final.prompts, final.seeds, _captions(final.prompts, final.seeds))
+    gallery = _gallery(request, final.images, final.prompts, final.seeds)
     return Outcome(gallery, _timings_markdown(results, summary), summary, _stage_frame(results))
 
 

@@ -114,9 +114,14 @@ class VQGANConfig:
         return len(self.ch_mult)
 
     @property
+    def downsampling(self) -> int:
+        """Side in pixels of the square one code stands for: the decoder's total upsampling."""
+        return 2 ** (self.num_resolutions - 1)
+
+    @property
     def grid_side(self) -> int:
-        """Side of the code grid: the image side divided by the decoder's total upsampling."""
-        return self.resolution // 2 ** (self.num_resolutions - 1)
+        """Side of the code grid: the image side divided by ``downsampling``."""
+        return self.resolution // self.downsampling
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "VQGANConfig":

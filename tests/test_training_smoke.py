@@ -123,7 +123,7 @@ def test_flat_codes_give_every_flat_cell_its_colour_s_code():
     images = data.make_scenes(seed=4, n=16, resolution=CONFIG.resolution).images
     codes = vqgan_stage.flat_codes(CONFIG, params, images)
     nearest = vqgan_stage.encode_all(CONFIG, params, images)
-    flat = data.flat_colours(images, CONFIG.resolution // CONFIG.grid_side)
+    flat = data.flat_colours(images, CONFIG.downsampling)
     assert codes.dtype == np.int32 and codes.shape == nearest.shape
     assert (codes[flat < 0] == nearest[flat < 0]).all()
     present = [colour for colour in range(len(scenes.COLOURS)) if (flat == colour).any()]

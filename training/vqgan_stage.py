@@ -62,7 +62,8 @@ def loss_fn(config: VQGANConfig, params, images, commitment: float, forced=None)
     latents = vqgan.encode_latents(config, params, images)
     codes = vqgan.nearest_codes(params, latents)
     if forced is not None:
-        codes = jnp.where(forced.reshape(codes.shape) >= 0, forced.reshape(codes.shape), codes)
+        forced = forced.reshape(codes.shape)
+        codes = jnp.where(forced >= 0, forced, codes)
     table = params["quantize"]["embedding"]["embedding"]
     chosen = jnp.take(table, codes, axis=0).reshape(latents.shape)
     straight_through = latents + jax.lax.stop_gradient(chosen - latents)
@@ -112,7 +113,7 @@ def train(config: VQGANConfig, training: VQGANTraining, images: np.ndarray, seed
     forced = None
     if training.flat:  # only the election's pictures need encoding
         forced = held_codes(encode_all(config, params, images[:ELECTION_PICTURES]),
-                            data.flat_colours(images, config.resolution // config.grid_side))
+                            data.flat_colours(images, config.downsampling))
     stream = batches(images, forced, training.batch_size, seed)
     if training.kmeans_batches:
         encode = jax.jit(vqgan.encode_latents, static_argnums=0)
@@ -191,7 +192,7 @@ def flat_codes(config: VQGANConfig, params, images: np.ndarray) -> np.ndarray:
     """Stage 2's targets: ``encode_all``'s codes with every flat cell given its colour's code, the maps
     ``FLAT`` trains the decoder to draw from."""
     codes = encode_all(config, params, images)
-    held = held_codes(codes, data.flat_colours(images, config.resolution // config.grid_side))
+    held = held_codes(codes, data.flat_colours(images, config.downsampling))
     return np.where(held >= 0, held, codes).astype(np.int32)
 
 
