@@ -12,16 +12,19 @@ import queue
 import random
 import re
 import threading
+import time
 import unicodedata
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import gradio as gr
 import numpy as np
 import pandas as pd
+from gradio.utils import get_upload_folder
 from gradio_client import utils as client_utils
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from dalle_space import bundled, experiment
 from dalle_space.engine import MAX_SEED, Result, load_engine
@@ -34,6 +37,11 @@ MAX_PROMPT_CHARS = 1000  # the model reads only 64 tokens; anything longer is a 
 # gradio's upload route stays open on every app; no input here takes a file, so an upload only needs room for the
 # mistake NoFilesBlocks answers with a sentence, not for filling the disk.
 MAX_UPLOAD = "64kb"
+# The gallery's pictures: files the app names and writes itself inside gradio's cache folder, which gradio then
+# serves in place, and deletes once they are this old. gradio's own delete_cache never reaches gallery outputs
+# (6.31 tracks them on per-session copies of the component), so without this a Space's disk fills picture by picture.
+PICTURES = Path(get_upload_folder()) / "dalle-space-pictures"
+KEEP_PICTURES_S = float(os.environ.get("DALLE_KEEP_PICTURES_S") or 24 * 3600)
 SCALE_RANGE = (1.0, 20.0)
 TOP_K_RANGE = (1, 16384)  # up to the VQGAN codebook size: "keep every code"
 TOP_P_RANGE = (0.01, 1.0)
@@ -135,7 +143,7 @@ class Request:
 class Outcome:
     """What a finished request shows: gallery items, the timings table and its JSON twin."""
 
-    gallery: list[tuple[Image.Image, str]]
+    gallery: list[tuple[str, str]]  # (picture file, caption)
     markdown: str
     summary: dict[str, Any]
     stages: pd.DataFrame  # seconds per stage and sampler, for the bar chart beside the table
@@ -334,28 +342,53 @@ def _captions(prompts, seeds) -> list[str]:
 
 
 def _gallery(request: Request, images: np.ndarray, prompts: Sequence[str], seeds: Sequence[int],
-             caption_suffix: str = "") -> list[tuple[Image.Image, str]]:
-    """Captioned pictures whose PNG text chunks say what made them (prompt, seed, settings, model), so a
-    downloaded picture can be made again, and give each an id of its own. The id is not decoration: gradio
-    names a cached picture after its bytes and rewrites a file of equal bytes in place, which cuts short a
-    concurrent download of the same picture (one prompt and seed asked twice, or a prompt the bundled model
-    draws as one plain picture whatever the seed)."""
+             caption_suffix: str = "") -> list[tuple[str, str]]:
+    """Captioned picture files whose PNG text chunks say what made them (prompt, seed, settings, model), so a
+    downloaded picture can be made again. Each file is named by an id of its own, also in its chunks: gradio
+    would name a picture after its bytes and rewrite a file of equal bytes in place, cutting short a concurrent
+    download of the same picture (one prompt and seed asked twice, or a prompt the bundled model draws as one
+    plain picture whatever the seed)."""
     settings = {
         "condition_scale": f"{request.condition_scale:g}", "top_k": str(request.top_k),
         "top_p": f"{request.top_p or 1:g}", "temperature": f"{request.temperature:g}",
         "model": engine.info.model, "revision": engine.info.revision or "unpinned",
     }
+    _sweep_pictures()
+    PICTURES.mkdir(parents=True, exist_ok=True)
     batch = uuid.uuid4().hex
     gallery = []
     captions = _captions(prompts, seeds)
     for place, (image, prompt, seed, caption) in enumerate(zip(images, prompts, seeds, captions), 1):
-        picture = Image.fromarray(image)
-        picture.info.update(settings, prompt=prompt, seed=str(seed), image_id=f"{batch}-{place}")
-        gallery.append((picture, caption + caption_suffix))
+        chunks = PngImagePlugin.PngInfo()
+        image_id = f"{batch}-{place}"
+        for key, value in {**settings, "prompt": prompt, "seed": str(seed), "image_id": image_id}.items():
+            chunks.add_text(key, value)
+        path = PICTURES / f"{image_id}.png"
+        Image.fromarray(image).save(path, pnginfo=chunks)
+        gallery.append((str(path), caption + caption_suffix))
     return gallery
 
 
-def _preview_gallery(request: Request, images: np.ndarray) -> list[tuple[Image.Image, str]]:
+_next_sweep = 0.0
+
+
+def _sweep_pictures() -> None:
+    """Delete gallery pictures older than KEEP_PICTURES_S, looking at most once per tenth of that age (a request
+    with previews writes pictures many times a second)."""
+    global _next_sweep
+    now = time.time()
+    if now < _next_sweep:
+        return
+    _next_sweep = now + KEEP_PICTURES_S / 10
+    for path in PICTURES.glob("*.png"):
+        try:
+            if now - path.stat().st_mtime > KEEP_PICTURES_S:
+                path.unlink()
+        except FileNotFoundError:  # another sweep got there first
+            pass
+
+
+def _preview_gallery(request: Request, images: np.ndarray) -> list[tuple[str, str]]:
     prompts = [p for p in request.prompts for _ in range(request.n_seeds)]
     seeds = [request.seed + j for _ in request.prompts for j in range(request.n_seeds)]
     return _gallery(request, images, prompts, seeds, " (preview)")

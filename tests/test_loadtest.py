@@ -1,5 +1,6 @@
 """Load and faults against ``python app.py`` (tiny model, a queue of 2): the short load test, a client that
-disconnects or cancels mid-request, a request that fails inside the engine, and a full queue.
+disconnects or cancels mid-request, a request that fails inside the engine, a full queue, and pictures that
+would fill a long-running Space's disk.
 
 The long form (8 users x 5 requests, two rounds, RSS) is run by hand: docs/reliability.md has the figures.
 """
@@ -12,6 +13,7 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import wait
+from pathlib import Path
 
 import pytest
 from gradio_client import Client
@@ -149,3 +151,18 @@ def test_a_full_queue_refuses_at_once_with_gradios_message(client, big_request_s
     assert max(refused_after) < 10, "a refusal should come at once, not after a wait"
     assert len(blocker.result(timeout=60)[0]) == 16
     assert len(client.predict(**GOOD, api_name="/generate")[0]) == 1
+
+
+def test_old_pictures_are_deleted_so_a_long_running_space_keeps_its_disk(launch_app, tmp_path):
+    """gradio's own delete_cache never reaches gallery outputs; the app deletes its pictures once they are older
+    than DALLE_KEEP_PICTURES_S, when it next draws."""
+    server = launch_app(GRADIO_TEMP_DIR=str(tmp_path), DALLE_KEEP_PICTURES_S="4")
+    client = Client(server.url, verbose=False)
+    client.predict(**GOOD, api_name="/generate")
+    first = set(tmp_path.rglob("*.png"))
+    assert len(first) == 1, "one picture, one file on the server"
+    time.sleep(5)
+    images, _ = client.predict(**GOOD, api_name="/generate")
+    second = set(tmp_path.rglob("*.png"))
+    assert len(second) == 1 and not second & first
+    assert Path(images[0]["image"]).name == next(iter(second)).name
