@@ -30,9 +30,26 @@ from dalle_space import bundled, experiment
 from dalle_space.engine import MAX_SEED, Result, load_engine
 from dalle_space.sampler import DEFAULT_CONDITION_SCALE, sampler_mode
 
+
+
+def _env_number(name: str, default: float, minimum: float, whole: bool = False) -> float:
+    """A number the host sets in the environment, or its default when unset; anything else stops the app with
+    a sentence naming the setting, before the model loads, instead of a traceback."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (minimum <= value < math.inf) or (whole and not value.is_integer()):
+        raise SystemExit(f"{name} must be a {'whole ' if whole else ''}number of at least {minimum:g}, not {text!r}.")
+    return value
+
+
 MAX_PROMPTS = 4
 # Requests the queue holds beyond the running one; gradio refuses the rest itself ("Queue is full").
-MAX_WAITING = int(os.environ.get("DALLE_QUEUE_SIZE") or 16)
+MAX_WAITING = int(_env_number("DALLE_QUEUE_SIZE", 16, 1, whole=True))
 MAX_PROMPT_CHARS = 1000  # the model reads only 64 tokens; anything longer is a paste gone wrong
 # gradio's upload route stays open on every app; no input here takes a file, so an upload only needs room for the
 # mistake NoFilesBlocks answers with a sentence, not for filling the disk.
@@ -41,7 +58,7 @@ MAX_UPLOAD = "64kb"
 # serves in place, and deletes once they are this old. gradio's own delete_cache never reaches gallery outputs
 # (6.31 tracks them on per-session copies of the component), so without this a Space's disk fills picture by picture.
 PICTURES = Path(get_upload_folder()) / "dalle-space-pictures"
-KEEP_PICTURES_S = float(os.environ.get("DALLE_KEEP_PICTURES_S") or 24 * 3600)
+KEEP_PICTURES_S = _env_number("DALLE_KEEP_PICTURES_S", 24 * 3600, 1)
 SCALE_RANGE = (1.0, 20.0)
 TOP_K_RANGE = (1, 16384)  # up to the VQGAN codebook size: "keep every code"
 TOP_P_RANGE = (0.01, 1.0)

@@ -8,6 +8,7 @@ The long form (8 users x 5 requests, two rounds, RSS) is run by hand: docs/relia
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -166,3 +167,17 @@ def test_old_pictures_are_deleted_so_a_long_running_space_keeps_its_disk(launch_
     second = set(tmp_path.rglob("*.png"))
     assert len(second) == 1 and not second & first
     assert Path(images[0]["image"]).name == next(iter(second)).name
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("DALLE_KEEP_PICTURES_S", "a day", "DALLE_KEEP_PICTURES_S must be a number of at least 1, not 'a day'."),
+    ("DALLE_KEEP_PICTURES_S", "0", "DALLE_KEEP_PICTURES_S must be a number of at least 1, not '0'."),
+    ("DALLE_QUEUE_SIZE", "2.5", "DALLE_QUEUE_SIZE must be a whole number of at least 1, not '2.5'."),
+])
+def test_a_bad_setting_stops_the_app_with_a_sentence(name, value, message):
+    """A host's typo in the environment: the app says which setting and what it takes, before loading a model."""
+    finished = subprocess.run([sys.executable, "app.py"], cwd=Path(__file__).resolve().parent.parent,
+                              env={**os.environ, "DALLE_MODEL": "tiny", "HF_HUB_OFFLINE": "1", name: value},
+                              capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 1
+    assert finished.stderr.strip().endswith(message) and "Traceback" not in finished.stderr
