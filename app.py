@@ -31,6 +31,14 @@ from dalle_space.engine import MAX_SEED, Result, load_engine
 from dalle_space.sampler import DEFAULT_CONDITION_SCALE, sampler_mode
 
 
+def _parse_number(value: Any) -> float | None:
+    """A raw value (a client's input or a host's setting) as a float, None where it is none; a boolean is not
+    a number here, though Python would read it as one."""
+    try:
+        return None if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
 
 def _env_number(name: str, default: float, minimum: float, whole: bool = False) -> float:
     """A number the host sets in the environment, or its default when unset; anything else stops the app with
@@ -38,11 +46,8 @@ def _env_number(name: str, default: float, minimum: float, whole: bool = False) 
     text = os.environ.get(name, "").strip()
     if not text:
         return default
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (minimum <= value < math.inf) or (whole and not value.is_integer()):
+    value = _parse_number(text)
+    if value is None or not (minimum <= value < math.inf) or (whole and not value.is_integer()):
         raise SystemExit(f"{name} must be a {'whole ' if whole else ''}number of at least {minimum:g}, not {text!r}.")
     return value
 
@@ -235,10 +240,7 @@ def _number(value: Any, name: str, bounds: tuple[float, float], whole: bool = Fa
     low, high = bounds
     allowed = f"between {_plain(low)} and {_plain(high)}"
     kind = "a whole number" if whole else "a number"
-    try:
-        number = None if isinstance(value, bool) else float(value)
-    except (TypeError, ValueError, OverflowError):
-        number = None
+    number = _parse_number(value)
     if number is None:
         raise _user_error(f"{name} must be {kind} {allowed}, not {_shown(value)}.")
     if not math.isfinite(number):
