@@ -26,7 +26,7 @@ from dalle_space.sampler import DEFAULT_CONDITION_SCALE
 
 @dataclasses.dataclass(frozen=True)
 class DalleBartTraining:
-    steps: int = 1800
+    steps: int = 3000
     batch_size: int = 32
     learning_rate: float = 1e-3  # the peak, after a linear warm-up over ``warmup`` of the steps
     warmup: float = 0.05
@@ -37,7 +37,8 @@ class DalleBartTraining:
     guided_scale: float = 0.0
 
 
-# The bundled model's two phases, 0.74 s a step each on 2 CPU cores (a guided step reads 16 pairs twice).
+# The bundled model's two phases, 0.74-1.2 s a step each on 2 CPU cores (a guided step reads 16 pairs twice).
+# The plain phase is long because the captions start to count late in it (training/README.md, ninth run).
 PLAIN = DalleBartTraining()
 # The guided phase empties no caption: it reads every pair with the empty prompt already.
 GUIDED = DalleBartTraining(steps=800, batch_size=16, learning_rate=3e-4, final_learning_rate=1.5e-5,
