@@ -16,10 +16,10 @@ DALLEBART = FOLDER / "dallebart"  # config.json, flax_model.msgpack and tokenize
 VQGAN = FOLDER / "vqgan"  # config.json and flax_model.msgpack
 
 # Captions as the scenes are captioned (size, colour, shape, position, background), of colour-shape pairs
-# seen in training.
+# seen in training; the second leaves out what it reads as big and in the centre (scenes.DEFAULT_SIZE).
 PROMPTS: tuple[str, ...] = (
     "a big red square in the centre on a blue background",
-    "a white background with two small yellow stars on the left and on the right",
+    "a blue circle on an orange background",
     "a small orange triangle at the bottom on a purple background",
     "a big green circle in the top right, black background",
 )

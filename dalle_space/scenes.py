@@ -34,6 +34,9 @@ POSITIONS: tuple[str, ...] = (
     "bottom left", "bottom", "bottom right",
 )
 MAX_SHAPES = 3
+# What a caption that leaves out a size or a lone shape's place means (scenes.caption's unsaid_defaults).
+DEFAULT_SIZE = "big"
+DEFAULT_POSITION = "centre"
 COUNT_WORDS: tuple[str, ...] = ("one", "two", "three")
 
 # Colour-shape pairs never drawn for training; one per kind, each with a different colour.
@@ -214,22 +217,35 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def _group_phrase(rng: np.random.Generator, look: tuple[str, str, str], positions: list[str]) -> str:
+def _size_and_colour(size: str, colour: str, unsaid) -> str:
+    return colour if size == DEFAULT_SIZE and unsaid() else f"{size} {colour}"
+
+
+def _group_phrase(rng: np.random.Generator, look: tuple[str, str, str], positions: list[str], unsaid) -> str:
     colour, kind, size = look
     n = len(positions)
+    words = _size_and_colour(size, colour, unsaid)
     if n == 1:
-        what = f"{_pick(rng, ('a', 'one'))} {size} {colour} {kind}"
+        what = f"{_pick(rng, ('a', 'one'))} {words} {kind}"
     else:
-        what = f"{COUNT_WORDS[n - 1]} {size} {colour} {_PLURAL[kind]}"
+        what = f"{COUNT_WORDS[n - 1]} {words} {_PLURAL[kind]}"
+    if positions == [DEFAULT_POSITION] and unsaid():
+        return what
     return f"{what} {_join([_pick(rng, POSITION_PHRASES[p]) for p in positions])}"
 
 
-def caption(scene: Scene, rng: np.random.Generator) -> str:
+def caption(scene: Scene, rng: np.random.Generator, unsaid_defaults: float = 0.0) -> str:
     """A caption naming every word of the scene, in one of several templates and orders.
 
     Shapes of the same colour, kind and size are said once with their count ("two big red circles on the
-    left and in the centre"); groups come in random order.
+    left and in the centre"); groups come in random order. With ``unsaid_defaults`` > 0, that is the chance a
+    big shape's size, and a lone shape's place in the centre, go unsaid: people leave them out ("a red square
+    on a blue background"), and a model that has read such captions draws what they imply. At 0 the rng
+    draws nothing more, so seeded scenes and their full captions are unchanged.
     """
+    def unsaid() -> bool:
+        return unsaid_defaults > 0 and rng.random() < unsaid_defaults
+
     groups: dict[tuple[str, str, str], list[str]] = {}
     for shape in scene.shapes:
         groups.setdefault((shape.colour, shape.kind, shape.size), []).append(shape.position)
@@ -237,8 +253,9 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     template = int(rng.integers(len(_CAPTIONS)))
     if len(scene.shapes) == 1 and template in _INVERTIBLE and rng.random() < 0.5:
         shape = scene.shapes[0]
-        said = f"{_pick(rng, POSITION_PHRASES[shape.position])}, a {shape.size} {shape.colour} {shape.kind}"
+        words = _size_and_colour(shape.size, shape.colour, unsaid)
+        said = f"{_pick(rng, POSITION_PHRASES[shape.position])}, a {words} {shape.kind}"
     else:
-        said = _join([_group_phrase(rng, looks[i], groups[looks[i]]) for i in rng.permutation(len(looks))])
+        said = _join([_group_phrase(rng, looks[i], groups[looks[i]], unsaid) for i in rng.permutation(len(looks))])
     article = "an" if scene.background[0] in "aeiou" else "a"
     return _CAPTIONS[template].format(shapes=said, a=article, background=scene.background)

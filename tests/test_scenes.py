@@ -100,6 +100,26 @@ def test_captions_name_every_word_of_the_scene_and_no_other():
             assert any(phrase in text for phrase in POSITION_PHRASES[shape.position]), (text, shape.position)
 
 
+def test_unsaid_defaults_leave_out_only_a_big_size_and_a_lone_centre():
+    rng = np.random.default_rng(5)
+    for scene in _scenes(5, 300):
+        text = scenes.caption(scene, rng, unsaid_defaults=1.0)
+        assert set(_COLOUR_WORDS.findall(text)) == {scene.background} | {s.colour for s in scene.shapes}
+        assert set(_KIND_WORDS.findall(text)) == {s.kind for s in scene.shapes}
+        looks = [(s.colour, s.kind, s.size) for s in scene.shapes]
+        assert "big" not in text and text.count("small") == len({look for look in looks if look[2] == "small"})
+        position_first = len(scene.shapes) == 1 and re.search(r"(in|at|on) the [a-z ]+, a ", text) is not None
+        for shape, look in zip(scene.shapes, looks):
+            placed = any(phrase in text for phrase in POSITION_PHRASES[shape.position])
+            alone = looks.count(look) == 1
+            assert placed == (shape.position != scenes.DEFAULT_POSITION or not alone or position_first), text
+    pictures = _scenes(6, 300)
+    full, terse = ([scenes.caption(scene, rng, unsaid_defaults=p) for scene in pictures] for p in (0.0, 0.5))
+    assert 0.35 < sum(t.count("big") for t in terse) / sum(t.count("big") for t in full) < 0.65
+    centred = [t for t in full if "in the centre" in t or "in the middle" in t]
+    assert 0.35 < sum("in the centre" in t or "in the middle" in t for t in terse) / len(centred) < 0.8
+
+
 def test_captions_vary_template_and_word_order():
     rng = np.random.default_rng(3)
     texts = [scenes.caption(scene, rng) for scene in _scenes(3, 300)]

@@ -254,6 +254,17 @@ def test_recaptions_are_seeded_and_say_their_own_scene():
         assert f"{scene.background} background" in caption and all(s.colour in caption for s in scene.shapes)
 
 
+def test_seed_0_scenes_and_full_captions_stay_those_the_bundled_vqgan_elected_its_colour_codes_on():
+    """The bundled VQGAN's flat-cell codes were elected on seed 0's scenes; a caption option that drew from
+    the scenes' rng when unused would move every scene after the first."""
+    scenes = data.make_scenes(seed=0, n=4, resolution=CONFIG.resolution)
+    assert scenes.captions[3] == ("one big green star in the centre, one big red square at the bottom right and one "
+                                  "big orange star in the bottom left on a purple background")
+    assert data.recaption(scenes, seed=0, rounds=1)[2] == (
+        "on a red background, a small green circle in the bottom right, a small green triangle at the bottom left "
+        "and a big white circle in the top left")
+
+
 def test_batches_swap_the_asked_share_of_captions_for_the_empty_prompt():
     n, length = 40, 6
     ids = np.arange(n * length, dtype=np.int32).reshape(n, length) + 10

@@ -28,12 +28,12 @@ def make_scenes(seed: int, n: int, resolution: int, held_out: bool = False) -> S
     return SceneSet(images, tuple(captions), tuple(drawn))
 
 
-def recaption(scene_set: SceneSet, seed: int, rounds: int) -> tuple[str, ...]:
+def recaption(scene_set: SceneSet, seed: int, rounds: int, unsaid_defaults: float = 0.0) -> tuple[str, ...]:
     """``rounds`` more captions of every scene, round after round, from a stream of their own seed: the same
     pictures said in other templates, orders and phrases, so the DalleBart reads a new wording of a scene on
-    most visits instead of memorising one."""
+    most visits instead of memorising one; ``unsaid_defaults`` as in scenes.caption."""
     rng = np.random.default_rng([seed, 1])
-    return tuple(scenes.caption(scene, rng) for _ in range(rounds) for scene in scene_set.scenes)
+    return tuple(scenes.caption(scene, rng, unsaid_defaults) for _ in range(rounds) for scene in scene_set.scenes)
 
 
 def flat_colours(images: np.ndarray, cell: int) -> np.ndarray:

@@ -31,6 +31,9 @@ RESOLUTION = VQGAN_CONFIG.resolution
 
 # Captions per scene, each a pair of its own: most of the DalleBart's ~2.4 visits to a scene read a new wording.
 CAPTION_ROUNDS = 4
+# In the rounds after the first, the chance that a big shape's size and a lone shape's centre go unsaid, so
+# "a red square on a blue background" means a big one in the middle (training/README.md, tenth run).
+UNSAID_DEFAULTS = 0.5
 
 
 class _Log:
@@ -98,7 +101,7 @@ def main(argv=None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     text.write_tiny_tokenizer(folder, vocab_size=DALLEBART_CONFIG.encoder_vocab_size)
     tokenizer = text.load_tokenizer(folder)
-    said = scenes.captions + data.recaption(scenes, args.seed, CAPTION_ROUNDS - 1)
+    said = scenes.captions + data.recaption(scenes, args.seed, CAPTION_ROUNDS - 1, UNSAID_DEFAULTS)
     captions = text.encode_prompts(tokenizer, list(said), DALLEBART_CONFIG.max_text_length, None)
     pairs = dallebart_stage.Pairs(captions.input_ids, captions.attention_mask, np.tile(codes, (CAPTION_ROUNDS, 1)),
                                   *text.unconditional_ids(tokenizer, DALLEBART_CONFIG.max_text_length))
