@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -217,11 +218,12 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def _size_and_colour(size: str, colour: str, unsaid) -> str:
+def _size_and_colour(size: str, colour: str, unsaid: Callable[[], bool]) -> str:
     return colour if size == DEFAULT_SIZE and unsaid() else f"{size} {colour}"
 
 
-def _group_phrase(rng: np.random.Generator, look: tuple[str, str, str], positions: list[str], unsaid) -> str:
+def _group_phrase(rng: np.random.Generator, look: tuple[str, str, str], positions: list[str],
+                  unsaid: Callable[[], bool]) -> str:
     colour, kind, size = look
     n = len(positions)
     words = _size_and_colour(size, colour, unsaid)
