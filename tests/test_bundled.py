@@ -55,13 +55,6 @@ def _share_nearest(pixels: np.ndarray, colour: str) -> float:
     return float(np.mean(nearest == names.index(colour)))
 
 
-@pytest.fixture(scope="module")
-def tiny_engine():
-    from dalle_space.engine import Engine
-
-    return Engine.from_pretrained("tiny", max_images=1)
-
-
 @pytest.mark.parametrize("prompt, background, shape", [
     pytest.param("a red square on a blue background", "blue", "red", marks=pytest.mark.xfail(
         strict=True, reason="said shape first, this pair is drawn right for none of 8 seeds (training/README.md, "
@@ -70,10 +63,10 @@ def tiny_engine():
     ("a green circle on a white background", "white", "green"),
     ("a blue circle on an orange background", "orange", "blue"),
 ])
-def test_a_prompt_without_size_or_place_is_drawn_big_in_the_centre(tiny_engine, prompt, background, shape):
+def test_a_prompt_without_size_or_place_is_drawn_big_in_the_centre(tiny, prompt, background, shape):
     """What the bundled model is for, at the app's default scale and a fixed seed: a terse prompt, as people
     type one, read the way its training captions leave details out (scenes.DEFAULT_SIZE, DEFAULT_POSITION)."""
-    image = np.asarray(tiny_engine.generate([prompt], seed=0).images[0])
+    image = np.asarray(tiny.generate([prompt], seed=0).images[0])
     border = np.concatenate([image[:4].reshape(-1, 3), image[-4:].reshape(-1, 3),
                              image[:, :4].reshape(-1, 3), image[:, -4:].reshape(-1, 3)])
     side = image.shape[0]

@@ -115,9 +115,13 @@ def test_unsaid_defaults_leave_out_only_a_big_size_and_a_lone_centre():
             assert placed == (shape.position != scenes.DEFAULT_POSITION or not alone or position_first), text
     pictures = _scenes(6, 300)
     full, terse = ([scenes.caption(scene, rng, unsaid_defaults=p) for scene in pictures] for p in (0.0, 0.5))
-    assert 0.35 < sum(t.count("big") for t in terse) / sum(t.count("big") for t in full) < 0.65
-    centred = [t for t in full if "in the centre" in t or "in the middle" in t]
-    assert 0.35 < sum("in the centre" in t or "in the middle" in t for t in terse) / len(centred) < 0.8
+    big = scenes.DEFAULT_SIZE
+    assert 0.35 < sum(t.count(big) for t in terse) / sum(t.count(big) for t in full) < 0.65
+
+    def centred(texts: list[str]) -> int:
+        return sum(any(phrase in t for phrase in POSITION_PHRASES[scenes.DEFAULT_POSITION]) for t in texts)
+
+    assert 0.35 < centred(terse) / centred(full) < 0.8
 
 
 def test_captions_vary_template_and_word_order():
