@@ -55,7 +55,7 @@ def _env_number(name: str, default: float, minimum: float, whole: bool = False) 
 MAX_PROMPTS = 4
 # Requests the queue holds beyond the running one; gradio refuses the rest itself ("Queue is full").
 MAX_WAITING = int(_env_number("DALLE_QUEUE_SIZE", 16, 1, whole=True))
-MAX_PROMPT_CHARS = 1000  # the model reads only 64 tokens; anything longer is a paste gone wrong
+MAX_PROMPT_CHARS = 1000  # models read 64 tokens or fewer; anything longer is a paste gone wrong
 # gradio's upload route stays open on every app; no input here takes a file, so an upload only needs room for the
 # mistake NoFilesBlocks answers with a sentence, not for filling the disk.
 MAX_UPLOAD = "64kb"
@@ -128,7 +128,7 @@ EXAMPLES = [
     ["an armchair in the shape of an avocado\na lighthouse on a cliff at night", 7.5, 1, "serial"],
 ]
 # The bundled tiny model knows only the words of its training scenes and follows them only with guidance: at
-# scale 1 its colours are right in 4% of pictures, at the default 10 in 83% (docs/benchmarks.md, "Prompt
+# scale 1 its colours are right in 2% of pictures, at the default 10 in 78% (docs/benchmarks.md, "Prompt
 # adherence"). Examples in its words, at the default scale and above.
 TINY_EXAMPLES = [
     [bundled.PROMPTS[0], DEFAULT_CONDITION_SCALE, 2, "compare"],

@@ -16,9 +16,10 @@ DALLEBART = FOLDER / "dallebart"  # config.json, flax_model.msgpack and tokenize
 VQGAN = FOLDER / "vqgan"  # config.json and flax_model.msgpack
 
 # Captions as the scenes are captioned (size, colour, shape, position, background), of colour-shape pairs
-# seen in training; the second leaves out what it reads as big and in the centre (scenes.DEFAULT_SIZE).
+# seen in training; the first two leave out what it reads as big and in the centre (scenes.DEFAULT_SIZE,
+# DEFAULT_POSITION), as people type them.
 PROMPTS: tuple[str, ...] = (
-    "a big red square in the centre on a blue background",
+    "a red square on a blue background",
     "a blue circle on an orange background",
     "a small orange triangle at the bottom on a purple background",
     "a big green circle in the top right, black background",

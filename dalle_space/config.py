@@ -154,11 +154,11 @@ def _special_ids(start: int, end: int) -> dict[str, int]:
 
 DALLEBART_PRESETS: dict[str, DalleBartConfig] = {
     # The bundled model (dalle_space/models/tiny), trained on synthetic scenes: loads and samples in seconds
-    # on a CPU.
+    # on a CPU. Its tokenizer has every scene word as one token, so 40 tokens hold the longest caption (33).
     "tiny": DalleBartConfig(
         d_model=128, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256,
-        encoder_vocab_size=1000, image_vocab_size=256, **_special_ids(256, 256),
+        encoder_vocab_size=1000, image_vocab_size=256, max_text_length=40, **_special_ids(256, 256),
     ),
     # hub dalle-mini/dalle-mini (wandb artifact mini-1:v0)
     "mini": DalleBartConfig(**_special_ids(16384, 16385)),

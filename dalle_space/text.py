@@ -12,7 +12,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import emoji
 import ftfy
@@ -255,16 +255,17 @@ a busy harbor with fishing boats, seagulls and stacked wooden crates
 """
 
 
-def write_tiny_tokenizer(folder: str | Path, vocab_size: int = 1000) -> None:
+def write_tiny_tokenizer(folder: str | Path, vocab_size: int = 1000, extra_lines: Iterable[str] = ()) -> None:
     """Write a small BART-style byte-level BPE tokenizer for the bundled offline ``tiny`` model.
 
-    Trained on a fixed inline corpus, so the files are the same bytes on every run. Ids 0..3 are
+    Trained on a fixed inline corpus plus ``extra_lines`` (the training captions, so that every scene word is
+    one token), so the same lines give the same bytes on every run. Ids 0..3 are
     ``<s> <pad> </s> <unk>``, ``<mask>`` is ``vocab_size - 1``, and there are exactly ``vocab_size`` tokens.
     Writes vocab.json, merges.txt, tokenizer.json, special_tokens_map.json and tokenizer_config.json.
     """
     trainer = ByteLevelBPETokenizer()
     trainer.train_from_iterator(
-        _TINY_CORPUS.strip().splitlines(),
+        [*_TINY_CORPUS.strip().splitlines(), *extra_lines],
         vocab_size=vocab_size - 1,
         min_frequency=1,
         show_progress=False,

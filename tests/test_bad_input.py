@@ -248,7 +248,7 @@ def test_engine_samples_odd_but_valid_text(tiny, prompts):
 
 def test_engine_cuts_a_100000_character_prompt_with_a_notice(tiny):
     result = tiny.generate(**{**ENGINE_GOOD, "prompts": ["a" * 100_000]})
-    assert result.notices == ("Prompt 1 was longer than 64 tokens and was cut short.",)
+    assert result.notices == ("Prompt 1 was longer than 40 tokens and was cut short.",)
 
 
 def test_engine_takes_whole_floats_and_numpy_numbers(tiny):

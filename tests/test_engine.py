@@ -170,7 +170,7 @@ def test_warm_shape_does_not_compile(tiny):
 
 def test_long_prompt_is_truncated_with_a_notice(tiny):
     result = tiny.generate(["a very long prompt " * 60], seed=1)
-    assert result.notices == ("Prompt 1 was longer than 64 tokens and was cut short.",)
+    assert result.notices == ("Prompt 1 was longer than 40 tokens and was cut short.",)
 
 
 def test_progress_reports_every_chunk_with_previews(tiny):

@@ -99,9 +99,9 @@ def main(argv=None) -> None:
 
     folder = args.out / "dallebart"
     folder.mkdir(parents=True, exist_ok=True)
-    text.write_tiny_tokenizer(folder, vocab_size=DALLEBART_CONFIG.encoder_vocab_size)
-    tokenizer = text.load_tokenizer(folder)
     said = scenes.captions + data.recaption(scenes, args.seed, CAPTION_ROUNDS - 1, UNSAID_DEFAULTS)
+    text.write_tiny_tokenizer(folder, vocab_size=DALLEBART_CONFIG.encoder_vocab_size, extra_lines=said)
+    tokenizer = text.load_tokenizer(folder)
     captions = text.encode_prompts(tokenizer, list(said), DALLEBART_CONFIG.max_text_length, None)
     pairs = dallebart_stage.Pairs(captions.input_ids, captions.attention_mask, np.tile(codes, (CAPTION_ROUNDS, 1)),
                                   *text.unconditional_ids(tokenizer, DALLEBART_CONFIG.max_text_length))
