@@ -258,8 +258,8 @@ a busy harbor with fishing boats, seagulls and stacked wooden crates
 def write_tiny_tokenizer(folder: str | Path, vocab_size: int = 1000, extra_lines: Iterable[str] = ()) -> None:
     """Write a small BART-style byte-level BPE tokenizer for the bundled offline ``tiny`` model.
 
-    Trained on a fixed inline corpus plus ``extra_lines`` (the training captions, so that every scene word is
-    one token), so the same lines give the same bytes on every run. Ids 0..3 are
+    Trained on a fixed inline corpus plus ``extra_lines`` (training/train.py passes the training captions, so
+    that every scene word is one token); the same lines give the same bytes on every run. Ids 0..3 are
     ``<s> <pad> </s> <unk>``, ``<mask>`` is ``vocab_size - 1``, and there are exactly ``vocab_size`` tokens.
     Writes vocab.json, merges.txt, tokenizer.json, special_tokens_map.json and tokenizer_config.json.
     """
