@@ -26,21 +26,25 @@ def test_shipped_folders_load_through_the_loader_and_are_the_presets():
 
 
 @pytest.fixture(scope="module")
-def caption_words() -> set[str]:
-    """Every word the training captions use, from enough seeded scenes to say each one."""
+def captions() -> list[str]:
+    """Full training captions (every size and place said, the longest kind) of enough seeded scenes to say
+    every word."""
     rng = np.random.default_rng(0)
-    captions = [scenes.caption(scenes.sample_scene(rng), rng) for _ in range(3000)]
+    return [scenes.caption(scenes.sample_scene(rng), rng) for _ in range(3000)]
+
+
+@pytest.fixture(scope="module")
+def caption_words(captions) -> set[str]:
+    """Every word the training captions use."""
     return set(re.findall(r"[a-z]+", " ".join(captions)))
 
 
-def test_its_tokenizer_reads_every_caption_word_whole_and_every_caption_fits(caption_words):
+def test_its_tokenizer_reads_every_caption_word_whole_and_every_caption_fits(captions, caption_words):
     """Trained on the training captions too (training/train.py), the tokenizer gives each scene word one token, so
     the longest caption fits the preset's 40; the general corpus alone cut "square" in three and needed 57."""
     tokenizer = checkpoints.load_tokenizer(bundled.DALLEBART)
     pieces = {word: len(tokenizer(" " + word, add_special_tokens=False)["input_ids"]) for word in caption_words}
     assert {word for word, n in pieces.items() if n > 1} == set()
-    rng = np.random.default_rng(1)
-    captions = [scenes.caption(scenes.sample_scene(rng), rng, unsaid_defaults=0.5) for _ in range(3000)]
     assert not any(text.encode_prompts(tokenizer, captions, DALLEBART_PRESETS["tiny"].max_text_length, None).truncated)
 
 
