@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from dalle_space import bundled, checkpoints, scenes, text
+from dalle_space import bundled, checkpoints, judge, scenes, text
 from dalle_space.config import DALLEBART_PRESETS, VQGAN_PRESETS
 
 
@@ -70,19 +70,35 @@ def _share_nearest(pixels: np.ndarray, colour: str) -> float:
     return float(np.mean(nearest == names.index(colour)))
 
 
-@pytest.mark.parametrize("prompt, background, shape", [
-    ("a red square on a blue background", "blue", "red"),  # the issue's; right since whole-word tokens
-    ("on a blue background, a red square", "blue", "red"),
-    ("a green circle on a white background", "white", "green"),
-    ("a blue circle on an orange background", "orange", "blue"),
-])
-def test_a_prompt_without_size_or_place_is_drawn_big_in_the_centre(tiny, prompt, background, shape):
-    """What the bundled model is for, at the app's default scale and a fixed seed: a terse prompt, as people
-    type one, read the way its training captions leave details out (scenes.DEFAULT_SIZE, DEFAULT_POSITION)."""
-    image = np.asarray(tiny.generate([prompt], seed=0).images[0])
+def test_the_issues_prompt_at_a_fixed_seed_has_a_blue_border_and_a_red_centre(tiny):
+    """What the bundled model is for, at the app's default scale: the issue's terse prompt, as people type one,
+    read the way its training captions leave details out (scenes.DEFAULT_SIZE, DEFAULT_POSITION)."""
+    image = np.asarray(tiny.generate(["a red square on a blue background"], seed=0).images[0])
     border = np.concatenate([image[:4].reshape(-1, 3), image[-4:].reshape(-1, 3),
                              image[:, :4].reshape(-1, 3), image[:, -4:].reshape(-1, 3)])
     side = image.shape[0]
     centre = image[side * 3 // 8:side * 5 // 8, side * 3 // 8:side * 5 // 8]
-    assert _share_nearest(border, background) >= 0.8
-    assert _share_nearest(centre, shape) >= 0.6
+    assert _share_nearest(border, "blue") >= 0.8
+    assert _share_nearest(centre, "red") >= 0.6
+
+
+# Terse prompts of every shape kind, and the background said first, as people type them.
+TERSE = (("a red square on a blue background", "blue", "red", "square"),
+         ("on a blue background, a red square", "blue", "red", "square"),
+         ("a green circle on a white background", "white", "green", "circle"),
+         ("a blue circle on an orange background", "orange", "blue", "circle"),
+         ("an orange triangle on a purple background", "purple", "orange", "triangle"),
+         ("a yellow star on a black background", "black", "yellow", "star"))
+
+
+def test_terse_prompts_are_mostly_drawn_as_asked(tiny):
+    """Eight seeds of each terse prompt at the app's default scale, judged from the pixels: the asked background
+    and exactly one shape of the asked colour and kind, big and in the centre, in at least two images of three.
+    One seed per prompt would hold a retrained model to the luck of that seed; the count is what people see."""
+    counts = {}
+    for prompt, background, colour, kind in TERSE:
+        verdicts = [judge.judge(np.asarray(image)) for image in tiny.generate([prompt], n_seeds=8, seed=0).images]
+        counts[prompt] = sum(v.background == background and len(v.shapes) == 1
+                             and (v.shapes[0].colour, v.shapes[0].kind, v.shapes[0].size, v.shapes[0].position)
+                             == (colour, kind, scenes.DEFAULT_SIZE, scenes.DEFAULT_POSITION) for v in verdicts)
+    assert sum(counts.values()) >= 2 / 3 * 8 * len(TERSE), counts
