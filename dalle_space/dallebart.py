@@ -216,9 +216,13 @@ def _attention_weights(scores, q, bias):
 
 
 def _attend(q, k, v, bias):
-    """Softmax attention: q (H, D, B, Q), k / v (H, D, B, K), additive bias broadcast to (B, H, Q, K)."""
-    weights = _attention_weights(jnp.einsum("hdbq,hdbk->bhqk", q, k), q, bias)
-    return jnp.einsum("bhqk,hdbk->hdbq", weights, v)
+    """Softmax attention: q (H, D, B, Q), k / v (H, D, B, K), additive bias broadcast to (H, B, Q, K).
+
+    The scores keep the heads-then-rows order of q: with rows first, XLA transposed each (B, H, Q, K) block
+    to and from the dots, six copies of the largest arrays of a training step.
+    """
+    weights = _attention_weights(jnp.einsum("hdbq,hdbk->hbqk", q, k), q, bias)
+    return jnp.einsum("hbqk,hdbk->hdbq", weights, v)
 
 
 def _mask_to_bias(mask, dtype):
@@ -253,7 +257,7 @@ def encode(config: DalleBartConfig, params: Params, input_ids, attention_mask):
     dtype = compute_dtype(params)
     encoder = params["model"]["encoder"]
     heads = config.encoder_attention_heads
-    bias = _mask_to_bias(attention_mask, dtype)[:, None, None, :]
+    bias = _mask_to_bias(attention_mask, dtype)[None, :, None, :]
     h = _embed(encoder, input_ids, jnp.arange(input_ids.shape[-1]), dtype)
 
     for p in encoder["layers"]:
