@@ -80,13 +80,14 @@ def test_reconstruction_error_reaches_the_encoder_through_the_quantiser():
         assert bool(np.any(np.asarray(g) != 0)) == (not name.startswith("quantize/")), name
 
 
-def test_flat_phase_continues_from_the_first_phase():
+@pytest.mark.parametrize("later", [vqgan_stage.SETTLE, vqgan_stage.FLAT], ids=["settle", "flat"])
+def test_later_phases_continue_from_the_phase_before(later):
     images = data.make_scenes(seed=0, n=32, resolution=CONFIG.resolution).images
     first = vqgan_stage.train(CONFIG, TRAINING, images, seed=0)
-    flat = dataclasses.replace(vqgan_stage.FLAT, steps=8, batch_size=8)
+    later = dataclasses.replace(later, steps=8, batch_size=8)
     fresh, continued = [], []
-    vqgan_stage.train(CONFIG, flat, images, seed=1, on_step=lambda step, loss, terms: fresh.append(loss))
-    params = vqgan_stage.train(CONFIG, flat, images, seed=1, params=first,
+    vqgan_stage.train(CONFIG, later, images, seed=1, on_step=lambda step, loss, terms: fresh.append(loss))
+    params = vqgan_stage.train(CONFIG, later, images, seed=1, params=first,
                                on_step=lambda step, loss, terms: continued.append(loss))
     assert continued[0] < 0.8 * fresh[0] and all(np.isfinite(continued)), (fresh, continued)
     assert [(p, np.shape(a)) for p, a in _flat(first)] == [(p, np.shape(a)) for p, a in _flat(params)]

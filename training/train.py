@@ -1,12 +1,13 @@
 """Train the bundled model from nothing, seeded: scenes -> VQGAN -> codes -> DalleBart -> hub folders.
 
-    python -m training.train --out DIR [--seed 0] [--scenes N] [--vqgan-steps N] [--flat-steps N]
-                             [--dallebart-steps N] [--guided-steps N] [--vqgan TRAINED]
+    python -m training.train --out DIR [--seed 0] [--scenes N] [--vqgan-steps N] [--settle-steps N]
+                             [--flat-steps N] [--dallebart-steps N] [--guided-steps N] [--vqgan TRAINED]
 
 Writes DIR/vqgan and DIR/dallebart (config.json, flax_model.msgpack; the tokenizer files with the DalleBart)
 and a loss log per stage and phase in DIR/logs, with a progress bar for each on the terminal. ``--vqgan`` takes
-the VQGAN folder of an earlier run (encoder included) instead of the VQGAN's first phase; with ``--flat-steps 0``
-the DalleBart stage runs alone on that VQGAN's codes, for trying its settings without the VQGAN's share of the hour.
+the VQGAN folder of an earlier run (encoder included) instead of the VQGAN's first phase; with ``--settle-steps 0
+--flat-steps 0`` the DalleBart stage runs alone on that VQGAN's codes, for trying its settings without the VQGAN's
+share of the hour.
 """
 
 from __future__ import annotations
@@ -74,8 +75,10 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scenes", type=int, default=20000, help="training scenes (pictures and captions)")
     parser.add_argument("--vqgan-steps", type=int, default=vqgan_stage.VQGANTraining.steps)
+    parser.add_argument("--settle-steps", type=int, default=vqgan_stage.SETTLE.steps,
+                        help="steps of the VQGAN's second phase, the first's objective at half its rate")
     parser.add_argument("--flat-steps", type=int, default=vqgan_stage.FLAT.steps,
-                        help="steps of the VQGAN's second phase, flat cells held to their colour's code")
+                        help="steps of the VQGAN's third phase, flat cells held to their colour's code")
     parser.add_argument("--dallebart-steps", type=int, default=dallebart_stage.PLAIN.steps,
                         help="steps of plain cross-entropy")
     parser.add_argument("--guided-steps", type=int, default=dallebart_stage.GUIDED.steps,
@@ -91,7 +94,10 @@ def main(argv=None) -> None:
     else:
         vq_params = _vqgan_phase("vqgan", dataclasses.replace(vqgan_stage.VQGANTraining(), steps=args.vqgan_steps),
                                  scenes.images, args.seed, args.out)
-    if args.flat_steps:  # a batch order of its own
+    if args.settle_steps:  # each later phase in a batch order of its own
+        vq_params = _vqgan_phase("vqgan_settle", dataclasses.replace(vqgan_stage.SETTLE, steps=args.settle_steps),
+                                 scenes.images, args.seed + 2, args.out, vq_params)
+    if args.flat_steps:
         vq_params = _vqgan_phase("vqgan_flat", dataclasses.replace(vqgan_stage.FLAT, steps=args.flat_steps),
                                  scenes.images, args.seed + 1, args.out, vq_params)
     export.write_folder(args.out / "vqgan", VQGAN_CONFIG, vq_params)

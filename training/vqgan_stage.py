@@ -12,7 +12,11 @@ So it starts as k-means centres of the first batches' latents, and every ``resee
 latent chose since the last check move onto current latents, drawn in proportion to how badly they are
 quantised now. Both only set codebook rows, so the exported tree is an ordinary checkpoint.
 
-A second phase (``FLAT``) gives the DalleBart codes it can predict. Trained as above, the encoder's global
+A second phase (``SETTLE``) goes on from the first at half its learning rate, without restarts or re-seeding:
+at the first phase's constant rate the decoder never drew fine detail, and stars came back as pentagons or blots
+in 40% of reconstructions; 500 settling steps keep them (training/README.md, thirteenth run).
+
+A third phase (``FLAT``) gives the DalleBart codes it can predict. Trained as above, the encoder's global
 attention spreads what it sees of the shapes over the background, so a plain background takes 18 different
 codes in one picture and only a quarter of flat cells get their colour's most common code: noise the DalleBart
 spends its loss on. ``FLAT`` holds every cell of one named colour to that colour's code (``colour_codes``) for
@@ -47,7 +51,9 @@ class VQGANTraining:
     flat: bool = False  # every cell of one named colour takes that colour's code, not its nearest
 
 
-# The second phase, from the first's parameters: 300 steps of flat cells held to their colour's code.
+# The second phase, from the first's parameters: the first's objective at half its rate, the codebook settled.
+SETTLE = VQGANTraining(steps=500, learning_rate=5e-4, kmeans_batches=0, reseed_every=0)
+# The third, from the second's: 300 steps of flat cells held to their colour's code.
 FLAT = VQGANTraining(steps=300, learning_rate=5e-4, kmeans_batches=0, reseed_every=0, flat=True)
 
 
@@ -104,7 +110,7 @@ def batches(images: np.ndarray, forced: np.ndarray | None, batch_size: int, seed
 
 def train(config: VQGANConfig, training: VQGANTraining, images: np.ndarray, seed: int,
           on_step=lambda step, loss, terms: None, params=None) -> Any:
-    """Trained parameters from ``params`` (the first phase's, for ``FLAT``) or else from
+    """Trained parameters from ``params`` (the phase before's, for ``SETTLE`` and ``FLAT``) or else from
     ``vqgan.init_params(config, seed)``; ``on_step`` sees every step's losses."""
     if params is None:
         params = vqgan.init_params(config, seed)
