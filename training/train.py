@@ -94,12 +94,12 @@ def main(argv=None) -> None:
     else:
         vq_params = _vqgan_phase("vqgan", dataclasses.replace(vqgan_stage.VQGANTraining(), steps=args.vqgan_steps),
                                  scenes.images, args.seed, args.out)
-    if args.settle_steps:  # each later phase in a batch order of its own
-        vq_params = _vqgan_phase("vqgan_settle", dataclasses.replace(vqgan_stage.SETTLE, steps=args.settle_steps),
-                                 scenes.images, args.seed + 2, args.out, vq_params)
-    if args.flat_steps:
-        vq_params = _vqgan_phase("vqgan_flat", dataclasses.replace(vqgan_stage.FLAT, steps=args.flat_steps),
-                                 scenes.images, args.seed + 1, args.out, vq_params)
+    later = [("vqgan_settle", vqgan_stage.SETTLE, args.settle_steps, 2),
+             ("vqgan_flat", vqgan_stage.FLAT, args.flat_steps, 1)]
+    for phase, training, steps, offset in later:  # each in a batch order of its own; a phase of 0 steps skipped
+        if steps:
+            vq_params = _vqgan_phase(phase, dataclasses.replace(training, steps=steps), scenes.images,
+                                     args.seed + offset, args.out, vq_params)
     export.write_folder(args.out / "vqgan", VQGAN_CONFIG, vq_params)
     codes = vqgan_stage.flat_codes(VQGAN_CONFIG, vq_params, scenes.images)
 

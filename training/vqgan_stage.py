@@ -53,8 +53,8 @@ class VQGANTraining:
 
 # The second phase, from the first's parameters: the first's objective at half its rate, the codebook settled.
 SETTLE = VQGANTraining(steps=500, learning_rate=5e-4, kmeans_batches=0, reseed_every=0)
-# The third, from the second's: 300 steps of flat cells held to their colour's code.
-FLAT = VQGANTraining(steps=300, learning_rate=5e-4, kmeans_batches=0, reseed_every=0, flat=True)
+# The third, from the second's: the same settings for 300 steps, flat cells held to their colour's code.
+FLAT = dataclasses.replace(SETTLE, steps=300, flat=True)
 
 
 def loss_fn(config: VQGANConfig, params, images, commitment: float, forced=None):
