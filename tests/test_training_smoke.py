@@ -11,7 +11,7 @@ import pytest
 
 from dalle_space import dallebart, scenes, text, vqgan
 from dalle_space.config import DalleBartConfig, VQGANConfig
-from training import dallebart_stage, data, vqgan_stage
+from training import dallebart_stage, data, resume, vqgan_stage
 from training.train import VQGAN_CONFIG
 
 # Small enough to compile and run a few steps in seconds on two CPU cores; same architecture as the presets.
@@ -167,7 +167,8 @@ def test_dallebart_stage_loss_falls_on_captions_and_codes(tmp_path):
     config, pairs = _dallebart_config(), _pairs(tmp_path)
     losses = []
     training = dallebart_stage.DalleBartTraining(steps=8, batch_size=8, learning_rate=1e-2)
-    dallebart_stage.train(config, training, pairs, seed=0, on_step=lambda step, loss: losses.append(loss))
+    dallebart_stage.train(config, training, pairs, 0, dallebart_stage.begin(config, training, 0),
+                          on_step=lambda step, loss: losses.append(loss))
     assert pairs.codes.shape == (16, 256) and pairs.codes.dtype == np.int32
     # near uniform guesses at the start (measured 3.34 against ln 33 = 3.50: few codes, random logits)
     assert abs(losses[0] - np.log(config.decoder_vocab_size)) < 0.25
@@ -229,8 +230,49 @@ def test_guided_training_loss_falls_and_empties_no_caption(tmp_path):
         batch_ids, _, _ = next(stream)
         assert not (batch_ids == pairs.empty_ids).all(axis=1).any()
     losses = []
-    dallebart_stage.train(config, training, pairs, seed=0, on_step=lambda step, loss: losses.append(loss))
+    dallebart_stage.train(config, training, pairs, 0, dallebart_stage.begin(config, training, 0),
+                          on_step=lambda step, loss: losses.append(loss))
     assert np.mean(losses[-3:]) < 0.8 * losses[0], losses
+
+
+def test_a_phase_resumed_from_its_saved_progress_ends_as_if_never_stopped(tmp_path):
+    """Stopped after its save at step 4 and resumed from the file, a phase reads the same batches and ends on
+    the same parameters, to the bit, as the phase run straight through."""
+    config, pairs = _dallebart_config(), _pairs(tmp_path)
+    training = dallebart_stage.DalleBartTraining(steps=6, batch_size=4, learning_rate=1e-2)
+    straight_losses = []
+    straight = dallebart_stage.train(config, training, pairs, 0, dallebart_stage.begin(config, training, 0),
+                                     on_step=lambda step, loss: straight_losses.append(loss))
+    saves = resume.Checkpoints(tmp_path / "checkpoints", resuming=True)
+
+    def save_then_stop(progress):
+        saves.save("dallebart", "settings", progress)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        dallebart_stage.train(config, training, pairs, 0, dallebart_stage.begin(config, training, 0),
+                              save=save_then_stop, save_every=4)
+    template = dallebart_stage.begin(config, training, 1)  # another seed: every value must come from the file
+    saved = saves.load("dallebart", "settings", template)
+    assert int(saved.step) == 4
+    resumed_losses = []
+    resumed = dallebart_stage.train(config, training, pairs, 0, saved,
+                                    on_step=lambda step, loss: resumed_losses.append((step, loss)))
+    assert resumed_losses == list(enumerate(straight_losses))[4:]
+    assert int(resumed.step) == 6
+    for a, b in zip(jax.tree_util.tree_leaves(resumed), jax.tree_util.tree_leaves(straight)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_checkpoint_of_other_settings_is_refused_by_name(tmp_path):
+    saves = resume.Checkpoints(tmp_path, resuming=True)
+    saves.save("vqgan", "20000 scenes, seed 0", {"w": np.ones(2, np.float32)})
+    assert resume.Checkpoints(tmp_path, resuming=False).load("vqgan", "20000 scenes, seed 0", {"w": 0}) is None
+    assert saves.load("dallebart", "anything", {"w": np.zeros(2, np.float32)}) is None  # nothing saved
+    np.testing.assert_array_equal(saves.load("vqgan", "20000 scenes, seed 0", {"w": np.zeros(2, np.float32)})["w"], 1)
+    with pytest.raises(ValueError, match=r"vqgan\.msgpack was saved by other settings(.|\n)*20000 scenes, seed 0"
+                                         r"(.|\n)*200 scenes, seed 0"):
+        saves.load("vqgan", "200 scenes, seed 0", {"w": np.zeros(2, np.float32)})
 
 
 def test_code_t_is_predicted_from_the_codes_before_it_only():

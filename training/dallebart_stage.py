@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import struct
 
 from dalle_space import dallebart, sampler
 from dalle_space.config import DalleBartConfig
@@ -140,16 +141,38 @@ def batches(pairs: Pairs, training: DalleBartTraining, seed: int) -> Iterator[tu
             yield ids, mask, pairs.codes[rows]
 
 
-def train(config: DalleBartConfig, training: DalleBartTraining, pairs: Pairs, seed: int,
-          on_step=lambda step, loss: None, params=None) -> Any:
-    """Trained runtime parameters, from ``params`` (an earlier phase's, with a fresh optimiser) or else from
-    ``dallebart.init_params(config, seed, runtime=True)``."""
+@struct.dataclass
+class Progress:
+    """Where a phase stands: all it needs to go on as if it had never stopped (the batch order replays from
+    the seed)."""
+
+    params: Any  # the runtime parameter tree
+    opt_state: Any  # the optimiser's state for it
+    step: jax.Array  # int32 scalar: steps done
+
+
+def begin(config: DalleBartConfig, training: DalleBartTraining, seed: int, params=None) -> Progress:
+    """Step 0 of a phase: ``params`` (an earlier phase's) or else ``dallebart.init_params(config, seed,
+    runtime=True)``, with a fresh optimiser."""
     if params is None:
         params = dallebart.init_params(config, seed, runtime=True)
-    optimiser, step = make_step(config, training)
-    opt_state = optimiser.init(params)
+    optimiser, _ = make_step(config, training)
+    return Progress(params, optimiser.init(params), jnp.int32(0))
+
+
+def train(config: DalleBartConfig, training: DalleBartTraining, pairs: Pairs, seed: int, progress: Progress,
+          on_step=lambda step, loss: None, save=None, save_every: int = 250) -> Progress:
+    """The phase run on from ``progress`` to its last step; ``save`` (if given) sees the progress every
+    ``save_every`` steps and at the end."""
+    _, step = make_step(config, training)
     stream = batches(pairs, training, seed)
-    for i in range(training.steps):
+    done = int(progress.step)
+    for _ in range(done):  # the batches read before the stop, so the order goes on where it was
+        next(stream)
+    params, opt_state = progress.params, progress.opt_state
+    for i in range(done, training.steps):
         params, opt_state, loss = step(params, opt_state, *next(stream), pairs.empty_ids, pairs.empty_mask)
         on_step(i, float(loss))
-    return params
+        if save is not None and ((i + 1) % save_every == 0 or i + 1 == training.steps):
+            save(Progress(params, opt_state, jnp.int32(i + 1)))
+    return Progress(params, opt_state, jnp.int32(training.steps))
