@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -327,3 +330,12 @@ def test_batches_swap_the_asked_share_of_captions_for_the_empty_prompt():
 
 def _flat(tree):
     return [("/".join(k.key for k in path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def test_the_documented_command_runs_as_a_module():
+    """``python -m training.train`` (training/README.md) reaches main: --help lists its options, --resume among them."""
+    done = subprocess.run([sys.executable, "-m", "training.train", "--help"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--out OUT" in done.stdout and "--resume" in done.stdout
+

@@ -146,3 +146,7 @@ def main(argv=None) -> None:
         params = progress.params
     export.write_folder(folder, DALLEBART_CONFIG, export.checkpoint_tree(params))
     print(f"wrote {args.out / 'vqgan'} and {folder} in {time.monotonic() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
