@@ -33,9 +33,10 @@ class Checkpoints:
             {"settings": settings, "tree": serialization.to_state_dict(tree)}))
         os.replace(written, self.path(phase))
 
-    def load(self, phase: str, settings: str, template: Any) -> Any | None:
-        """The phase's saved tree in ``template``'s structure, or None where it has none (or the run is fresh);
-        a ValueError naming both settings where the save was made with others."""
+    def load(self, phase: str, settings: str, template: Any = None) -> Any | None:
+        """The phase's saved tree, in ``template``'s structure (None: as the nested dicts of arrays it was saved
+        as, all a VQGAN's parameters are), or None where it has none (or the run is fresh); a ValueError naming
+        both settings where the save was made with others."""
         path = self.path(phase)
         if not self.resuming or not path.exists():
             return None
@@ -44,4 +45,4 @@ class Checkpoints:
             raise ValueError(f"{path} was saved by other settings, so --resume cannot go on from it:\n"
                              f"  saved: {saved['settings']}\n  now:   {settings}\n"
                              "Run with the saved settings, or start in a new --out.")
-        return serialization.from_state_dict(template, saved["tree"])
+        return saved["tree"] if template is None else serialization.from_state_dict(template, saved["tree"])

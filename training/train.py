@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from dalle_space import text, vqgan
+from dalle_space import text
 from dalle_space.config import DALLEBART_PRESETS, VQGAN_PRESETS
 from training import dallebart_stage, data, export, resume, vqgan_stage
 
@@ -69,8 +69,7 @@ def _vqgan_phase(name: str, training, images: np.ndarray, seed: int, out: Path, 
                  settings: str, params=None):
     """One VQGAN phase with its progress bar and loss log, saved at its end; its trained parameters, read back
     instead where a ``--resume`` finds it saved."""
-    template = vqgan.init_params(VQGAN_CONFIG, seed) if params is None else params
-    saved = saves.load(name, settings, template)
+    saved = saves.load(name, settings)
     if saved is not None:
         return saved
     log = _stage(name, training.steps, out, ("loss", "reconstruction", "quantisation"))
