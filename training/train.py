@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from dalle_space import text
 from dalle_space.config import DALLEBART_PRESETS, VQGAN_PRESETS
-from training import dallebart_stage, data, export, resume, vqgan_stage
+from training import dallebart_stage, data, devices, export, resume, vqgan_stage
 
 # The bundled model's presets: what this trains is what the app ships as `tiny`. VQGAN: f4, a 16 x 16 grid
 # of 4 x 4-pixel codes, 0.75 s per step of 16 pictures on 2 CPU cores; DalleBart: 0.74 s per step of 32 pairs.
@@ -148,4 +148,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    devices.use_cpu_cores()  # the process's own JAX, so set before anything runs on it
     main()

@@ -36,7 +36,7 @@ import optax
 
 from dalle_space import scenes, vqgan
 from dalle_space.config import VQGANConfig
-from training import data
+from training import data, devices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,10 +127,12 @@ def train(config: VQGANConfig, training: VQGANTraining, images: np.ndarray, seed
                                   for _ in range(training.kmeans_batches)])
         params = _with_codebook(params, kmeans(latents, config.n_embed, rng))
     optimiser, step = make_step(config, training)
-    opt_state = optimiser.init(params)
+    params = devices.replicated(params, training.batch_size)
+    opt_state = devices.replicated(optimiser.init(params), training.batch_size)
     unused = np.ones(config.n_embed, bool)
     for i in range(training.steps):
-        params, opt_state, loss, terms, latents, codes = step(params, opt_state, *next(stream))
+        params, opt_state, loss, terms, latents, codes = step(
+            params, opt_state, *devices.split_rows(*next(stream), batch_size=training.batch_size))
         on_step(i, float(loss), tuple(float(t) for t in terms))
         if training.reseed_every:
             unused[np.asarray(codes)] = False
@@ -138,7 +140,7 @@ def train(config: VQGANConfig, training: VQGANTraining, images: np.ndarray, seed
                 if i + 1 < training.reseed_until * training.steps and unused.any():
                     table = np.array(params["quantize"]["embedding"]["embedding"])
                     table[unused] = reseeded(np.asarray(latents), table, int(unused.sum()), rng)
-                    params = _with_codebook(params, table)
+                    params = devices.replicated(_with_codebook(params, table), training.batch_size)
                 unused[:] = True
     return params
 
