@@ -79,14 +79,17 @@ def summarise(judged: Iterable[Judged]) -> list[dict[str, Any]]:
             for group in GROUPS for (cell_group, scale), checks in cells.items() if cell_group == group]
 
 
-def sample(engine, prompts: Sequence[Prompt], scales: Sequence[float], images: int, seed: int) -> list[Judged]:
-    """Draw and judge ``images`` images of every prompt at every scale, one generate call per prompt and scale."""
+def sample(engine, prompts: Sequence[Prompt], scales: Sequence[float], images: int, seed: int,
+           top_k: int | None = None) -> list[Judged]:
+    """Draw and judge ``images`` images of every prompt at every scale, one generate call per prompt and scale,
+    at ``top_k`` (None: the model's default, as the app samples)."""
     judged = []
     with tqdm(total=len(scales) * len(prompts), desc="adherence", unit="prompt") as bar:
         for scale in scales:
             bar.set_postfix(scale=f"{scale:g}")
             for index, prompt in enumerate(prompts):
-                result = engine.generate([prompt.caption], n_seeds=images, condition_scale=scale, seed=seed)
+                result = engine.generate([prompt.caption], n_seeds=images, condition_scale=scale, seed=seed,
+                                         top_k=top_k)
                 for pixels, image_seed in zip(result.images, result.seeds):
                     verdict = judge(pixels)
                     judged.append(Judged(prompt.group, index, scale, image_seed, verdict, check(verdict, prompt.scene)))
@@ -126,10 +129,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scales", type=_scales, default=list(DEFAULT_SCALES),
                    help="comma-separated condition scales (default " + ",".join(f"{s:g}" for s in DEFAULT_SCALES) + ")")
     p.add_argument("--seed", type=int, default=0, help="seeds the prompt set and the images' seeds (default 0)")
+    p.add_argument("--top-k", type=int, help="codes kept at each position (default: the model's, as the app "
+                                             "samples; the bundled model's is 3)")
     p.add_argument("--json", help="write the settings, prompts, rows and every image's verdict here")
     args = p.parse_args(argv)
-    if args.prompts < 1 or args.images < 1:
-        p.error("--prompts and --images must be at least 1")
+    if args.prompts < 1 or args.images < 1 or (args.top_k is not None and args.top_k < 1):
+        p.error("--prompts, --images and --top-k must be at least 1")
     return args
 
 
@@ -139,13 +144,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     engine = Engine.from_pretrained(model=args.model, vqgan=args.vqgan, max_images=args.images)
     prompts = prompt_set(args.prompts, args.seed)
-    judged = sample(engine, prompts, args.scales, args.images, args.seed)
+    top_k = engine.config.top_k if args.top_k is None else args.top_k
+    judged = sample(engine, prompts, args.scales, args.images, args.seed, top_k)
     rows = summarise(judged)
     if args.json:
         result = {
             "settings": {"model": args.model, "vqgan": args.vqgan, "revision": engine.info.revision,
                          "device": engine.info.device, "prompts_per_group": args.prompts,
-                         "images_per_prompt": args.images, "scales": args.scales, "seed": args.seed,
+                         "images_per_prompt": args.images, "scales": args.scales, "seed": args.seed, "top_k": top_k,
                          "default_scale": DEFAULT_CONDITION_SCALE, "resolution": engine.resolution,
                          "measures": list(MEASURES)},
             "prompts": [dataclasses.asdict(p) for p in prompts],
@@ -153,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
             "images": [dataclasses.asdict(item) for item in judged],
         }
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"top-k {top_k}")
     print(markdown(rows))
 
 

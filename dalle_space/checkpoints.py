@@ -189,7 +189,8 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 def read_dallebart_config(folder: Path) -> DalleBartConfig:
     """The checkpoint's config, refused when it describes another model (its ``model_type``), lacks a field
-    that sets a parameter shape, or starts pictures on a token the decoder has no embedding row for."""
+    that sets a parameter shape, starts pictures on a token the decoder has no embedding row for, or gives a
+    default top-k that is not a count."""
     raw = read_config(folder)
     path = folder / "config.json"
     if raw.get("model_type") != "dallebart":
@@ -199,6 +200,9 @@ def read_dallebart_config(folder: Path) -> DalleBartConfig:
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}")
     config = DalleBartConfig.from_dict(raw)
+    if type(config.top_k) is not int or config.top_k < 1:
+        raise CheckpointError(f"{path}: top_k is {raw['top_k']!r}, not a whole number of codes to keep when sampling "
+                              "(0 or null: all of them)")
     if not 0 <= config.decoder_start_token_id < config.decoder_vocab_size:
         raise CheckpointError(f"{path}: decoder_start_token_id {config.decoder_start_token_id} is not a row of the "
                               f"decoder embedding (ids 0..{config.image_vocab_size})")

@@ -46,6 +46,9 @@ class DalleBartConfig:
     pad_token_id: int = 16384
     decoder_start_token_id: int = 16384  # fed at position 0
     normalize_text: bool = False  # whether prompts go through the text normaliser first
+    # The codes sampling keeps at each position unless a request says otherwise: upstream's generate reads it
+    # from config.json, as transformers' configs carry it (their default 50, where 0 or null keeps every code).
+    top_k: int = 50
 
     @property
     def decoder_vocab_size(self) -> int:
@@ -66,6 +69,8 @@ class DalleBartConfig:
         for name in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
             if values.get(name) is None:
                 values[name] = image_vocab_size
+        if "top_k" in values and (values["top_k"] is None or type(values["top_k"]) is int and values["top_k"] == 0):
+            values["top_k"] = image_vocab_size + 1  # no top-k: every code kept
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,6 +164,7 @@ DALLEBART_PRESETS: dict[str, DalleBartConfig] = {
         d_model=128, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256,
         encoder_vocab_size=1000, image_vocab_size=256, max_text_length=40, **_special_ids(256, 256),
+        top_k=3,  # its colours and shapes are drawn right more often than at 50 (training/README.md)
     ),
     # hub dalle-mini/dalle-mini (wandb artifact mini-1:v0)
     "mini": DalleBartConfig(**_special_ids(16384, 16385)),

@@ -254,9 +254,10 @@ class Engine:
     # ------------------------------------------------------------------------------------------------
 
     def warmup(self, shapes: Sequence[tuple[int, int]] = ((1, 1),), modes: Sequence[str] = sampler.MODES,
-               top_k: int = 50) -> None:
+               top_k: int | None = None) -> None:
         """Compile the samplers (and VQGAN decoder) of these (prompts, images per prompt) shapes now rather
-        than on a request."""
+        than on a request; top-k is part of the shape (None: the model's default, as in ``generate``)."""
+        top_k = self.config.top_k if top_k is None else top_k
         for n_prompts, n_seeds in shapes:
             for mode in modes:
                 ids = np.zeros((n_prompts, self.config.max_text_length), np.int32)
@@ -268,10 +269,12 @@ class Engine:
 
     def generate(self, prompts: Sequence[str], n_seeds: int = 1,
                  condition_scale: float = sampler.DEFAULT_CONDITION_SCALE, mode: str = "parallel",
-                 seed: int = 0, top_k: int = 50, top_p: float | None = None, temperature: float = 1.0,
+                 seed: int = 0, top_k: int | None = None, top_p: float | None = None, temperature: float = 1.0,
                  progress: ProgressFn | None = None, preview: bool = False) -> Result:
-        """Images for every prompt: ``n_seeds`` each, image j of every prompt with seed ``seed + j``."""
+        """Images for every prompt: ``n_seeds`` each, image j of every prompt with seed ``seed + j``; ``top_k``
+        None keeps the model's default (its config's ``top_k``)."""
         start = time.perf_counter()
+        top_k = self.config.top_k if top_k is None else top_k
         if isinstance(prompts, str):
             raise ValueError("prompts must be a list of strings, not one string.")
         prompts = list(prompts)
@@ -321,9 +324,11 @@ class Engine:
 
     def sample_tokens(self, input_ids, attention_mask, keys,
                       condition_scale: float = sampler.DEFAULT_CONDITION_SCALE,
-                      mode: str = "parallel", top_k: int = 50, top_p: float | None = None,
+                      mode: str = "parallel", top_k: int | None = None, top_p: float | None = None,
                       temperature: float = 1.0, progress: ProgressFn | None = None) -> np.ndarray:
-        """Image tokens (N, image_length) for input_ids (P, L) and raw keys (N, 2), prompt-major."""
+        """Image tokens (N, image_length) for input_ids (P, L) and raw keys (N, 2), prompt-major; ``top_k`` as
+        in ``generate``."""
+        top_k = self.config.top_k if top_k is None else top_k
         input_ids, attention_mask, keys = np.asarray(input_ids), np.asarray(attention_mask), np.asarray(keys)
         n_prompts, n_images = input_ids.shape[0], keys.shape[0]
         if n_prompts < 1 or n_images % n_prompts:

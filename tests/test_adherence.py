@@ -85,8 +85,8 @@ class DrawsWhenGuided:
         self.scenes = {p.caption: p.scene for p in prompts}
         self.calls = []
 
-    def generate(self, prompts, n_seeds, condition_scale, seed):
-        self.calls.append((tuple(prompts), n_seeds, condition_scale, seed))
+    def generate(self, prompts, n_seeds, condition_scale, seed, top_k):
+        self.calls.append((tuple(prompts), n_seeds, condition_scale, seed, top_k))
         scene = self.scenes[prompts[0]]
         picture = render(scene, 64) if condition_scale >= 3 else np.full((64, 64, 3), COLOURS[scene.background],
                                                                           np.uint8)
@@ -97,8 +97,8 @@ class DrawsWhenGuided:
 def test_sampling_judges_every_image_against_its_own_prompt():
     prompts = prompt_set(2, seed=0)
     engine = DrawsWhenGuided(prompts)
-    judged = adherence.sample(engine, prompts, scales=[1.0, 3.0], images=2, seed=7)
-    assert engine.calls == [((p.caption,), 2, scale, 7) for scale in (1.0, 3.0) for p in prompts]
+    judged = adherence.sample(engine, prompts, scales=[1.0, 3.0], images=2, seed=7, top_k=5)
+    assert engine.calls == [((p.caption,), 2, scale, 7, 5) for scale in (1.0, 3.0) for p in prompts]
     assert [(j.group, j.prompt, j.scale, j.seed) for j in judged] == [
         (p.group, i, scale, 7 + k) for scale in (1.0, 3.0) for i, p in enumerate(prompts) for k in range(2)]
     rows = {(r["group"], r["scale"]): r for r in summarise(judged)}
@@ -117,6 +117,7 @@ def test_command_line_writes_the_rows_of_its_judged_images(tmp_path, capsys):
     prompts = prompt_set(1, seed=5)
     assert [p["caption"] for p in result["prompts"]] == [p.caption for p in prompts]
     assert result["settings"]["default_scale"] == DEFAULT_CONDITION_SCALE
+    assert result["settings"]["top_k"] == 3  # the bundled model's default, as the app samples it
     images = result["images"]
     assert [(i["group"], i["prompt"], i["scale"], i["seed"]) for i in images] == [
         (p.group, n, scale, 5) for scale in (3.0, 5.0) for n, p in enumerate(prompts)]
@@ -129,7 +130,7 @@ def test_command_line_writes_the_rows_of_its_judged_images(tmp_path, capsys):
                            for i in images)
     assert result["rows"] == recomputed and len(recomputed) == 4
     table = capsys.readouterr().out
-    assert "| seen | 3 | 1 |" in table and "| held-out | 5 | 1 |" in table
+    assert "top-k 3" in table and "| seen | 3 | 1 |" in table and "| held-out | 5 | 1 |" in table
 
 
 def test_plot_writes_a_png(tmp_path):

@@ -283,6 +283,16 @@ def test_the_tiny_models_page_offers_prompts_in_its_vocabulary(client):
     assert prompt["props"]["placeholder"] == bundled.PROMPTS[0]
 
 
+def test_the_tiny_models_page_samples_at_its_own_top_k_by_default(client):
+    """Its config.json's top-k (3) is the field's starting value, said beside it, and what a gradio_client
+    call that leaves top-k out samples with."""
+    field = next(c for c in client.config["components"] if c["props"].get("label") == "Top-k")
+    assert field["props"]["value"] == 3 and field["props"]["info"] == "3 is this model's default."
+    request = {name: value for name, value in GOOD.items() if name != "top_k"}
+    images, _ = client.predict(**request, api_name="/generate")
+    assert Image.open(images[0]["image"]).text["top_k"] == "3"
+
+
 def test_every_example_on_the_tiny_models_page_runs(client):
     examples = next(c for c in client.config["components"] if c["type"] == "dataset")["props"]["samples"]
     for prompt, condition_scale, n_seeds, sampler in examples:

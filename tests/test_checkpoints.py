@@ -109,6 +109,30 @@ def test_config_of_another_model_is_refused(folder, changes, message):
         assert str(error.value) == f"{folder / 'config.json'}{message}"
 
 
+@pytest.mark.parametrize("top_k, read", [
+    (7, 7),
+    (None, 50),  # absent: transformers' default, as upstream's generate reads it
+    ("null", 257),  # upstream's "no top-k": every code and the start token's column kept
+    (0, 257),
+])
+def test_config_top_k_is_the_model_s_sampling_default(folder, top_k, read):
+    content = json.loads((folder / "config.json").read_text())
+    content.pop("top_k")
+    if top_k is not None:
+        content["top_k"] = None if top_k == "null" else top_k
+    (folder / "config.json").write_text(json.dumps(content))
+    assert checkpoints.read_dallebart_config(folder).top_k == read
+
+
+@pytest.mark.parametrize("top_k", [-1, 2.5, "3", True, [3]])
+def test_config_top_k_that_is_not_a_count_is_refused(folder, top_k):
+    _edit_json(folder / "config.json", top_k=top_k)
+    with pytest.raises(CheckpointError) as error:
+        checkpoints.load_dallebart(folder)
+    assert str(error.value) == (f"{folder / 'config.json'}: top_k is {top_k!r}, not a whole number of codes to keep "
+                                "when sampling (0 or null: all of them)")
+
+
 @pytest.mark.parametrize("content, message", [
     ("{not json", "is not JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"),
     ("[1, 2]", "is not a config (a JSON list, not an object)"),
