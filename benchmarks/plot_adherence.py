@@ -45,7 +45,8 @@ def plot(result: dict, out: Path) -> None:
     handles += [Line2D([], [], color="black", linestyle=LINE_STYLES[g], label=GROUP_LABELS[g]) for g in LINE_STYLES]
     axis.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     axis.set_title(f"{settings['model']}: {settings['prompts_per_group']} prompts per group x "
-                   f"{settings['images_per_prompt']} images per scale, seed {settings['seed']}")
+                   f"{settings['images_per_prompt']} images per scale, seed {settings['seed']}"
+                   + (f", top-k {settings['top_k']}" if "top_k" in settings else ""))
     figure.savefig(out, dpi=110)
 
 
