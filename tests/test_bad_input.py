@@ -180,7 +180,7 @@ def test_nan_and_missing_values_over_raw_json(app_server, client):
 # Engine.generate, the library door: one ValueError sentence per bad argument, whatever its type.
 
 ENGINE_GOOD = dict(prompts=["a red bicycle"], n_seeds=1, condition_scale=10.0, mode="parallel", seed=0,
-                   top_k=50, top_p=None, temperature=1.0)
+                   top_p=None, temperature=1.0)  # the model's own top-k, as warmup compiled it
 
 BAD_ENGINE_ROWS = [
     ("prompts one string", dict(prompts="a cat"), "prompts must be a list of strings, not one string."),

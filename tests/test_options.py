@@ -17,7 +17,7 @@ from dalle_space.engine import PROGRESS_CHUNKS, Engine
 
 PROMPT = "a red bicycle"
 OTHER = "a lighthouse at night"
-BASE = dict(condition_scale=3.0, seed=1)  # top-k 50, no top-p, temperature 1, parallel
+BASE = dict(condition_scale=3.0, seed=1, top_k=50)  # no top-p, temperature 1, parallel
 
 
 @pytest.fixture(scope="module")
