@@ -128,7 +128,7 @@ EXAMPLES = [
     ["an armchair in the shape of an avocado\na lighthouse on a cliff at night", 7.5, 1, "serial"],
 ]
 # The bundled tiny model knows only the words of its training scenes and follows them only with guidance: at
-# scale 1 its colours are right in 2% of pictures, at the default 10 in 88%, sampled at its top-k of 3
+# scale 1 its colours are right in 2% of pictures, at the default 10 in 93%, sampled at its top-k of 3
 # (docs/benchmarks.md, "Prompt adherence"). Examples in its words, at the default scale and above.
 TINY_EXAMPLES = [
     [bundled.PROMPTS[0], DEFAULT_CONDITION_SCALE, 2, "compare"],

@@ -1,13 +1,14 @@
-"""Train the bundled model from nothing, seeded: scenes -> VQGAN -> codes -> DalleBart -> hub folders.
+"""Train the bundled model from nothing, seeded: scenes -> VQGAN -> codes -> DalleBart -> VQGAN decoder -> hub folders.
 
     python -m training.train --out DIR [--seed 0] [--scenes N] [--vqgan-steps N] [--settle-steps N]
-                             [--flat-steps N] [--dallebart-steps N] [--guided-steps N] [--vqgan TRAINED] [--resume]
+                             [--flat-steps N] [--dallebart-steps N] [--guided-steps N] [--decode-steps N]
+                             [--vqgan TRAINED] [--resume]
 
 Writes DIR/vqgan and DIR/dallebart (config.json, flax_model.msgpack; the tokenizer files with the DalleBart)
 and a loss log per stage and phase in DIR/logs, with a progress bar for each on the terminal. ``--vqgan`` takes
 the VQGAN folder of an earlier run (encoder included) instead of the VQGAN's first phase; with ``--settle-steps 0
---flat-steps 0`` the DalleBart stage runs alone on that VQGAN's codes, for trying its settings without the VQGAN's
-share of the hour. Each phase saves into DIR/checkpoints (the DalleBart's every 250 steps); a run cut off goes on
+--flat-steps 0 --decode-steps 0`` the DalleBart stage runs alone on that VQGAN's codes, for trying its settings
+without the VQGAN's share of the hour. Each phase saves into DIR/checkpoints (the DalleBart's every 250 steps); a run cut off goes on
 from there when started again with the same arguments and ``--resume``.
 """
 
@@ -90,6 +91,8 @@ def main(argv=None) -> None:
                         help="steps of the VQGAN's second phase, the first's objective at half its rate")
     parser.add_argument("--flat-steps", type=int, default=vqgan_stage.FLAT.steps,
                         help="steps of the VQGAN's third phase, flat cells held to their colour's code")
+    parser.add_argument("--decode-steps", type=int, default=vqgan_stage.DECODE.steps,
+                        help="steps of the VQGAN's last phase, its decoder alone on the DalleBart's codes")
     parser.add_argument("--dallebart-steps", type=int, default=dallebart_stage.PLAIN.steps,
                         help="steps of plain cross-entropy")
     parser.add_argument("--guided-steps", type=int, default=dallebart_stage.GUIDED.steps,
@@ -119,7 +122,6 @@ def main(argv=None) -> None:
             settings += f" -> {phase} {training}"
             vq_params = _vqgan_phase(phase, training, scenes.images, args.seed + offset, args.out, saves, settings,
                                      vq_params)
-    export.write_folder(args.out / "vqgan", VQGAN_CONFIG, vq_params)
     codes = vqgan_stage.flat_codes(VQGAN_CONFIG, vq_params, scenes.images)
 
     folder = args.out / "dallebart"
@@ -144,6 +146,12 @@ def main(argv=None) -> None:
         log.close()
         params = progress.params
     export.write_folder(folder, DALLEBART_CONFIG, export.checkpoint_tree(params))
+    if args.decode_steps:  # last, since it changes no code the DalleBart reads
+        training = dataclasses.replace(vqgan_stage.DECODE, steps=args.decode_steps)
+        settings += f" -> vqgan_decode {training}"
+        vq_params = _vqgan_phase("vqgan_decode", training, scenes.images, args.seed + 3, args.out, saves, settings,
+                                 vq_params)
+    export.write_folder(args.out / "vqgan", VQGAN_CONFIG, vq_params)
     print(f"wrote {args.out / 'vqgan'} and {folder} in {time.monotonic() - started:.0f} s")
 
 
