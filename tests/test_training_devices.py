@@ -41,9 +41,9 @@ plain = dataclasses.replace(dallebart_stage.PLAIN, steps=3, batch_size=8)
 
 def run():
     vq_losses, db_losses = [], []
-    vq_params = vqgan_stage.train(config, vq, pictures, 0, on_step=lambda i, loss, terms: vq_losses.append(loss))
-    progress = dallebart_stage.train(DALLEBART_CONFIG, plain, pairs, 0, dallebart_stage.begin(DALLEBART_CONFIG, plain, 0),
-                                     on_step=lambda i, loss: db_losses.append(loss))
+    vqgan_stage.train(config, vq, pictures, 0, on_step=lambda i, loss, terms: vq_losses.append(loss))
+    start = dallebart_stage.begin(DALLEBART_CONFIG, plain, 0)
+    dallebart_stage.train(DALLEBART_CONFIG, plain, pairs, 0, start, on_step=lambda i, loss: db_losses.append(loss))
     return vq_losses, db_losses
 
 split = run()

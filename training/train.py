@@ -8,8 +8,8 @@ Writes DIR/vqgan and DIR/dallebart (config.json, flax_model.msgpack; the tokeniz
 and a loss log per stage and phase in DIR/logs, with a progress bar for each on the terminal. ``--vqgan`` takes
 the VQGAN folder of an earlier run (encoder included) instead of the VQGAN's first phase; with ``--settle-steps 0
 --flat-steps 0 --decode-steps 0`` the DalleBart stage runs alone on that VQGAN's codes, for trying its settings
-without the VQGAN's share of the hour. Each phase saves into DIR/checkpoints (the DalleBart's every 250 steps); a run cut off goes on
-from there when started again with the same arguments and ``--resume``.
+without the VQGAN's share of the hour. Each phase saves into DIR/checkpoints (the DalleBart's every 250 steps); a
+run cut off goes on from there when started again with the same arguments and ``--resume``.
 """
 
 from __future__ import annotations
