@@ -143,7 +143,7 @@ engine = load_engine(os.environ.get("DALLE_MODEL", "mini"), os.environ.get("DALL
 engine.warmup()
 print(f"Model {engine.info.model} ({engine.info.dtype}) samples on {engine.info.device}.", flush=True)
 _engine_lock = threading.Lock()  # an abandoned request's worker holds it until its next progress report
-DEFAULT_TOP_K = min(engine.config.top_k, TOP_K_RANGE[1])  # the model's (its config.json's), what warmup compiled
+DEFAULT_TOP_K = min(engine.effective_top_k(), TOP_K_RANGE[1])  # the model's (its config.json's), what warmup compiled
 SEED_RANGE = (0, MAX_SEED - engine.max_images)  # leaves room for seed + j on every image
 BENCH_IMAGE_CHOICES = [n for n in (1, 2, 4, 8, 16) if n <= engine.max_images]
 

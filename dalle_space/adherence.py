@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     engine = Engine.from_pretrained(model=args.model, vqgan=args.vqgan, max_images=args.images)
     prompts = prompt_set(args.prompts, args.seed)
-    top_k = engine.config.top_k if args.top_k is None else args.top_k
+    top_k = engine.effective_top_k(args.top_k)
     judged = sample(engine, prompts, args.scales, args.images, args.seed, top_k)
     rows = summarise(judged)
     if args.json:

@@ -69,7 +69,7 @@ class DalleBartConfig:
         for name in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
             if values.get(name) is None:
                 values[name] = image_vocab_size
-        if "top_k" in values and (values["top_k"] is None or type(values["top_k"]) is int and values["top_k"] == 0):
+        if "top_k" in values and values["top_k"] in (None, 0) and values["top_k"] is not False:
             values["top_k"] = image_vocab_size + 1  # no top-k: every code kept
         return cls(**values)
 

@@ -253,11 +253,15 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------
 
+    def effective_top_k(self, top_k: int | None = None) -> int:
+        """The top-k a request samples at: the one it asks for, else the model's (its config.json's ``top_k``)."""
+        return self.config.top_k if top_k is None else top_k
+
     def warmup(self, shapes: Sequence[tuple[int, int]] = ((1, 1),), modes: Sequence[str] = sampler.MODES,
                top_k: int | None = None) -> None:
         """Compile the samplers (and VQGAN decoder) of these (prompts, images per prompt) shapes now rather
         than on a request; top-k is part of the shape (None: the model's default, as in ``generate``)."""
-        top_k = self.config.top_k if top_k is None else top_k
+        top_k = self.effective_top_k(top_k)
         for n_prompts, n_seeds in shapes:
             for mode in modes:
                 ids = np.zeros((n_prompts, self.config.max_text_length), np.int32)
@@ -274,7 +278,7 @@ class Engine:
         """Images for every prompt: ``n_seeds`` each, image j of every prompt with seed ``seed + j``; ``top_k``
         None keeps the model's default (its config's ``top_k``)."""
         start = time.perf_counter()
-        top_k = self.config.top_k if top_k is None else top_k
+        top_k = self.effective_top_k(top_k)
         if isinstance(prompts, str):
             raise ValueError("prompts must be a list of strings, not one string.")
         prompts = list(prompts)
@@ -328,7 +332,7 @@ class Engine:
                       temperature: float = 1.0, progress: ProgressFn | None = None) -> np.ndarray:
         """Image tokens (N, image_length) for input_ids (P, L) and raw keys (N, 2), prompt-major; ``top_k`` as
         in ``generate``."""
-        top_k = self.config.top_k if top_k is None else top_k
+        top_k = self.effective_top_k(top_k)
         input_ids, attention_mask, keys = np.asarray(input_ids), np.asarray(attention_mask), np.asarray(keys)
         n_prompts, n_images = input_ids.shape[0], keys.shape[0]
         if n_prompts < 1 or n_images % n_prompts:

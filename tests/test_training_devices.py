@@ -24,9 +24,9 @@ from training.train import DALLEBART_CONFIG
 def holders(array):
     return sorted(len(shard.data) for shard in array.addressable_shards)
 
-report = {"split 8": holders(devices.split_rows(np.zeros((8, 3)), batch_size=8)[0]),
-          "split 7": holders(devices.split_rows(np.zeros((7, 3)), batch_size=7)[0]),
-          "replicated": len(devices.replicated(np.zeros(3), 8).sharding.device_set)}
+report = {"split 8": holders(devices.BatchSplit(8).rows(np.zeros((8, 3)))[0]),
+          "split 7": holders(devices.BatchSplit(7).rows(np.zeros((7, 3)))[0]),
+          "replicated": len(devices.BatchSplit(8).replicated(np.zeros(3)).sharding.device_set)}
 
 config = VQGANConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(), resolution=32,
                      z_channels=32, embed_dim=8, n_embed=32)

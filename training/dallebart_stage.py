@@ -170,10 +170,10 @@ def train(config: DalleBartConfig, training: DalleBartTraining, pairs: Pairs, se
     done = int(progress.step)
     for _ in range(done):  # the batches read before the stop, so the order goes on where it was
         next(stream)
-    params, opt_state = devices.replicated((progress.params, progress.opt_state), training.batch_size)
+    split = devices.BatchSplit(training.batch_size)
+    params, opt_state = split.replicated((progress.params, progress.opt_state))
     for i in range(done, training.steps):
-        batch = devices.split_rows(*next(stream), batch_size=training.batch_size)
-        params, opt_state, loss = step(params, opt_state, *batch, pairs.empty_ids, pairs.empty_mask)
+        params, opt_state, loss = step(params, opt_state, *split.rows(*next(stream)), pairs.empty_ids, pairs.empty_mask)
         on_step(i, float(loss))
         if save is not None and ((i + 1) % save_every == 0 or i + 1 == training.steps):
             save(Progress(params, opt_state, jnp.int32(i + 1)))

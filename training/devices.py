@@ -23,18 +23,20 @@ def use_cpu_cores() -> None:
     jax.config.update("jax_num_cpu_devices", os.cpu_count() or 1)
 
 
-def _mesh(batch_size: int) -> Mesh:
-    """The devices a batch of ``batch_size`` rows splits over evenly: as many as divide it."""
-    devices = jax.devices()
-    return Mesh(np.array(devices[:math.gcd(len(devices), batch_size)]), ("rows",))
+class BatchSplit:
+    """How a phase's batches of ``batch_size`` rows lie on the devices: split evenly over as many as divide it,
+    parameters and optimiser state whole on each. Built once per phase, not per step."""
 
+    def __init__(self, batch_size: int):
+        devices = jax.devices()
+        mesh = Mesh(np.array(devices[:math.gcd(len(devices), batch_size)]), ("rows",))
+        self._whole = NamedSharding(mesh, PartitionSpec())
+        self._rows = NamedSharding(mesh, PartitionSpec("rows"))
 
-def replicated(tree, batch_size: int):
-    """``tree`` (parameters, optimiser state) whole on every device of ``batch_size``'s split."""
-    return jax.device_put(tree, NamedSharding(_mesh(batch_size), PartitionSpec()))
+    def replicated(self, tree):
+        """``tree`` (parameters, optimiser state) whole on every device of the split."""
+        return jax.device_put(tree, self._whole)
 
-
-def split_rows(*arrays, batch_size: int):
-    """Each array's leading axis (``batch_size`` rows) split across the devices; None stays None."""
-    rows = NamedSharding(_mesh(batch_size), PartitionSpec("rows"))
-    return tuple(None if a is None else jax.device_put(a, rows) for a in arrays)
+    def rows(self, *arrays):
+        """Each array's leading axis split across the devices; None stays None."""
+        return tuple(None if a is None else jax.device_put(a, self._rows) for a in arrays)

@@ -143,12 +143,12 @@ def train(config: VQGANConfig, training: VQGANTraining, images: np.ndarray, seed
                                   for _ in range(training.kmeans_batches)])
         params = _with_codebook(params, kmeans(latents, config.n_embed, rng))
     optimiser, step = make_step(config, training)
-    params = devices.replicated(params, training.batch_size)
-    opt_state = devices.replicated(optimiser.init(params), training.batch_size)
+    split = devices.BatchSplit(training.batch_size)
+    params = split.replicated(params)
+    opt_state = split.replicated(optimiser.init(params))
     unused = np.ones(config.n_embed, bool)
     for i in range(training.steps):
-        params, opt_state, loss, terms, latents, codes = step(
-            params, opt_state, *devices.split_rows(*next(stream), batch_size=training.batch_size))
+        params, opt_state, loss, terms, latents, codes = step(params, opt_state, *split.rows(*next(stream)))
         on_step(i, float(loss), tuple(float(t) for t in terms))
         if training.reseed_every:
             unused[np.asarray(codes)] = False
@@ -156,7 +156,7 @@ def train(config: VQGANConfig, training: VQGANTraining, images: np.ndarray, seed
                 if i + 1 < training.reseed_until * training.steps and unused.any():
                     table = np.array(params["quantize"]["embedding"]["embedding"])
                     table[unused] = reseeded(np.asarray(latents), table, int(unused.sum()), rng)
-                    params = devices.replicated(_with_codebook(params, table), training.batch_size)
+                    params = split.replicated(_with_codebook(params, table))
                 unused[:] = True
     return params
 
