@@ -171,9 +171,10 @@ def train(config: DalleBartConfig, training: DalleBartTraining, pairs: Pairs, se
     for _ in range(done):  # the batches read before the stop, so the order goes on where it was
         next(stream)
     split = devices.BatchSplit(training.batch_size)
-    params, opt_state = split.replicated((progress.params, progress.opt_state))
+    params, opt_state, empty_ids, empty_mask = split.replicated(
+        (progress.params, progress.opt_state, pairs.empty_ids, pairs.empty_mask))  # placed once, read every step
     for i in range(done, training.steps):
-        params, opt_state, loss = step(params, opt_state, *split.rows(*next(stream)), pairs.empty_ids, pairs.empty_mask)
+        params, opt_state, loss = step(params, opt_state, *split.rows(*next(stream)), empty_ids, empty_mask)
         on_step(i, float(loss))
         if save is not None and ((i + 1) % save_every == 0 or i + 1 == training.steps):
             save(Progress(params, opt_state, jnp.int32(i + 1)))
