@@ -8,10 +8,12 @@ CPU, where one image token is a handful of matrix-vector products over ~0.8 GB o
 - ``layers`` is a tuple of one tree per layer. Layers run as a Python loop over separate weight buffers;
   a ``lax.scan`` over the stacked axis slices (copies) every layer's weights at every image position,
   which made a decoder step about four times slower.
-- every dense ``kernel`` (in, out), the lm head's included, is stored transposed as ``weight`` (out, in),
-  and activations are feature-major: (features, rows...). Each product is then ``weight @ h``, the layout
-  XLA:CPU runs fastest; with 16 rows the decoder's products ran twice as fast as ``h @ kernel``, and the
-  lm head's 3-5x (see ``_logits``). The public functions take and return the usual token-major arrays.
+- every dense ``kernel`` (in, out), the lm head's included, is stored transposed as ``weight`` (out, in).
+  The KV-cache step keeps activations feature-major, (features, rows...), so each product is ``weight @ h``,
+  the layout XLA:CPU runs fastest for one position: with 16 rows the decoder's products ran twice as fast as
+  ``h @ kernel``, and the lm head's 3-5x (see ``_logits``). Whole sequences (the encoder, ``decode_logits``)
+  keep features last, faster for them (``_Layout``). The public functions take and return the usual
+  token-major arrays.
 
 Architecture (normformer): each block is ``x + post_norm(op(pre_norm(x)))``; pre-norms have no scale;
 attention has no biases; the feed-forward is a GLU with an inner norm; learned absolute positions.
@@ -19,6 +21,7 @@ attention has no biases; the feed-forward is a GLU with an inner norm; learned a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -34,6 +37,7 @@ Params = dict[str, Any]
 _LN_EPS = 1e-5
 _ENCODER = "FlaxBartEncoderLayers"
 _DECODER = "FlaxBartDecoderLayers"
+_CAUSAL_BLOCKS = 4  # query blocks of a whole sequence's causal attention (``_causal_attend``)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -180,49 +184,83 @@ def _unflatten_runtime(leaves: dict[tuple, Any]) -> Params:
 # Building blocks
 
 
-def layer_norm(x, params: Params):
-    """flax ``nn.LayerNorm`` (eps 1e-5) over the feature axis 0, with statistics in float32; ``scale`` is
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where activations keep their feature axis. First, (d, rows, positions): the KV-cache step's products
+    over one position run fastest as ``weight @ h``. Last, (rows, positions, d): whole sequences (the encoder,
+    teacher-forced training) run faster so; with features first a training step of the bundled model took
+    6-10% longer, transposing for the attention's dots and their gradients (training/README.md)."""
+
+    features_first: bool
+
+    def dense(self, x, params: Params):
+        """A dense layer (no bias) by its weight (out, in)."""
+        if self.features_first:
+            return jnp.tensordot(params["weight"], x, axes=1)
+        return jnp.tensordot(x, params["weight"], axes=((-1,), (1,)))
+
+    def norm(self, x, params: Params):
+        return layer_norm(x, params, axis=0 if self.features_first else -1)
+
+    def split_heads(self, x, heads: int):
+        """Features -> (heads, head_dim) in place of the feature axis."""
+        if self.features_first:
+            return x.reshape(heads, x.shape[0] // heads, *x.shape[1:])
+        return x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)
+
+    def merge_heads(self, x):
+        if self.features_first:
+            return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+        return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+_FEATURES_FIRST = _Layout(features_first=True)
+_FEATURES_LAST = _Layout(features_first=False)
+
+
+def layer_norm(x, params: Params, axis: int):
+    """flax ``nn.LayerNorm`` (eps 1e-5) over the feature ``axis``, with statistics in float32; ``scale`` is
     absent in pre-norms."""
     x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=0, keepdims=True)
-    var = jnp.maximum(jnp.mean(jnp.square(x32), axis=0, keepdims=True) - jnp.square(mean), 0.0)
+    mean = jnp.mean(x32, axis=axis, keepdims=True)
+    var = jnp.maximum(jnp.mean(jnp.square(x32), axis=axis, keepdims=True) - jnp.square(mean), 0.0)
     multiplier = lax.rsqrt(var + _LN_EPS)
-    features = (-1,) + (1,) * (x.ndim - 1)
+    features = [1] * x.ndim
+    features[axis] = -1
+
+    def along_features(name):
+        return params[name].astype(jnp.float32).reshape(features)
+
     if "scale" in params:
-        multiplier = multiplier * params["scale"].astype(jnp.float32).reshape(features)
-    y = (x32 - mean) * multiplier + params["bias"].astype(jnp.float32).reshape(features)
-    return y.astype(x.dtype)
+        multiplier = multiplier * along_features("scale")
+    return ((x32 - mean) * multiplier + along_features("bias")).astype(x.dtype)
 
 
-def _dense(x, params: Params):
-    """(in, ...) -> (out, ...) with the weight (out, in): the product XLA:CPU runs fastest."""
-    return jnp.tensordot(params["weight"], x, axes=1)
-
-
-def _split_heads(x, heads: int):
-    """(heads * head_dim, ...) -> (heads, head_dim, ...)"""
-    return x.reshape(heads, x.shape[0] // heads, *x.shape[1:])
-
-
-def _merge_heads(x):
-    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
-
-
-def _attention_weights(scores, q, bias):
-    """Softmax over keys of q·k scores scaled by 1/sqrt(head_dim), plus the additive mask; in float32.
-    ``q`` is (heads, head_dim, ...)."""
-    scaled = scores / jnp.sqrt(q.shape[1]).astype(q.dtype) + bias
-    return jax.nn.softmax(scaled.astype(jnp.float32)).astype(q.dtype)
+def _attention_weights(scores, head_dim: int, bias):
+    """Softmax over keys of q·k scores scaled by 1/sqrt(head_dim), plus the additive mask; in float32."""
+    scaled = scores / jnp.sqrt(head_dim).astype(scores.dtype) + bias
+    return jax.nn.softmax(scaled.astype(jnp.float32)).astype(scores.dtype)
 
 
 def _attend(q, k, v, bias):
-    """Softmax attention: q (H, D, B, Q), k / v (H, D, B, K), additive bias broadcast to (H, B, Q, K).
+    """Softmax attention over whole sequences, features last: q (B, Q, H, D), k / v (B, K, H, D), additive
+    bias broadcast to (B, H, Q, K); output (B, Q, H, D)."""
+    weights = _attention_weights(jnp.einsum("bqhd,bkhd->bhqk", q, k), q.shape[-1], bias)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
-    The scores keep the heads-then-rows order of q: with rows first, XLA transposed each (B, H, Q, K) block
-    to and from the dots, six copies of the largest arrays of a training step.
-    """
-    weights = _attention_weights(jnp.einsum("hdbq,hdbk->hbqk", q, k), q, bias)
-    return jnp.einsum("hbqk,hdbk->hdbq", weights, v)
+
+def _causal_attend(q, k, v, blocks: int):
+    """Causal self-attention over a whole sequence (as ``_attend``), its queries in ``blocks`` blocks: each
+    block scores only the keys up to its last query, the rest being masked for all of its queries anyway.
+    Four blocks skip 3/8 of the scores, in a training step of the bundled model 35-40% attention."""
+    length = q.shape[1]
+    size = -(-length // blocks)
+    out = []
+    for start in range(0, length, size):
+        end = min(start + size, length)
+        visible = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
+        out.append(_attend(q[:, start:end], k[:, :end], v[:, :end], _mask_to_bias(visible, q.dtype)))
+    return jnp.concatenate(out, axis=1)
 
 
 def _mask_to_bias(mask, dtype):
@@ -230,17 +268,18 @@ def _mask_to_bias(mask, dtype):
     return jnp.where(mask > 0, 0.0, -jnp.inf).astype(dtype)
 
 
-def _glu(x, params: Params):
-    h = layer_norm(x, params["LayerNorm_0"])
-    h = jax.nn.gelu(_dense(h, params["Dense_0"]), approximate=False) * _dense(h, params["Dense_1"])
-    h = layer_norm(h, params["LayerNorm_1"])
-    return _dense(h, params["Dense_2"])
+def _glu(x, params: Params, layout: _Layout):
+    h = layout.norm(x, params["LayerNorm_0"])
+    h = jax.nn.gelu(layout.dense(h, params["Dense_0"]), approximate=False) * layout.dense(h, params["Dense_1"])
+    return layout.dense(layout.norm(h, params["LayerNorm_1"]), params["Dense_2"])
 
 
-def _embed(part: Params, ids, positions, dtype):
-    """Feature-major embeddings (d, *ids.shape)."""
-    h = part["embed_tokens"]["embedding"][ids] + part["embed_positions"]["embedding"][positions]
-    return layer_norm(jnp.moveaxis(h.astype(dtype), -1, 0), part["layernorm_embedding"])
+def _embed(part: Params, ids, positions, dtype, layout: _Layout):
+    """Token plus position embeddings of ``ids``, normalised, in ``layout``."""
+    h = (part["embed_tokens"]["embedding"][ids] + part["embed_positions"]["embedding"][positions]).astype(dtype)
+    if layout.features_first:
+        h = jnp.moveaxis(h, -1, 0)
+    return layout.norm(h, part["layernorm_embedding"])
 
 
 def compute_dtype(params: Params):
@@ -256,18 +295,18 @@ def encode(config: DalleBartConfig, params: Params, input_ids, attention_mask):
     """Encoder states (B, L, d) after the final norm, as upstream ``DalleBart.encode``."""
     dtype = compute_dtype(params)
     encoder = params["model"]["encoder"]
-    heads = config.encoder_attention_heads
-    bias = _mask_to_bias(attention_mask, dtype)[None, :, None, :]
-    h = _embed(encoder, input_ids, jnp.arange(input_ids.shape[-1]), dtype)
+    layout, heads = _FEATURES_LAST, config.encoder_attention_heads
+    bias = _mask_to_bias(attention_mask, dtype)[:, None, None, :]
+    h = _embed(encoder, input_ids, jnp.arange(input_ids.shape[-1]), dtype, layout)
 
     for p in encoder["layers"]:
-        a = layer_norm(h, p["LayerNorm_0"])
+        a = layout.norm(h, p["LayerNorm_0"])
         attention = p["FlaxBartAttention_0"]
-        q, k, v = (_split_heads(_dense(a, attention[n]), heads) for n in ("q_proj", "k_proj", "v_proj"))
-        a = _dense(_merge_heads(_attend(q, k, v, bias)), attention["out_proj"])
-        h = h + layer_norm(a, p["LayerNorm_1"])
-        h = h + _glu(h, p["GLU_0"])
-    return jnp.moveaxis(layer_norm(h, encoder["final_ln"]), 0, -1)
+        q, k, v = (layout.split_heads(layout.dense(a, attention[n]), heads) for n in ("q_proj", "k_proj", "v_proj"))
+        a = layout.dense(layout.merge_heads(_attend(q, k, v, bias)), attention["out_proj"])
+        h = h + layout.norm(a, p["LayerNorm_1"])
+        h = h + _glu(h, p["GLU_0"], layout)
+    return layout.norm(h, encoder["final_ln"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -302,8 +341,8 @@ def cross_context(config: DalleBartConfig, params: Params, encoder_states, atten
     layers = params["model"]["decoder"]["layers"]
 
     def project(name):
-        return tuple(jnp.einsum("hdgl->hgdl", _split_heads(_dense(states, p["FlaxBartAttention_1"][name]), heads))
-                     for p in layers)
+        return tuple(jnp.einsum("hdgl->hgdl", _FEATURES_FIRST.split_heads(
+            _FEATURES_FIRST.dense(states, p["FlaxBartAttention_1"][name]), heads)) for p in layers)
 
     return CrossContext(keys=project("k_proj"), values=project("v_proj"), bias=_mask_to_bias(attention_mask, dtype))
 
@@ -333,25 +372,26 @@ def _cross_attend(q, keys, values, bias):
     and values serve all of its rows without being copied per row."""
     g = bias.shape[0]
     grouped = q.reshape(*q.shape[:2], g, q.shape[2] // g, q.shape[3])  # (H, D, G, S, Q)
-    weights = _attention_weights(jnp.einsum("hdgsq,hgdl->hgsql", grouped, keys), q, bias[None, :, None, None, :])
+    weights = _attention_weights(jnp.einsum("hdgsq,hgdl->hgsql", grouped, keys), q.shape[1],
+                                 bias[None, :, None, None, :])
     return jnp.einsum("hgsql,hgdl->hdgsq", weights, values).reshape(q.shape)
 
 
-def _decoder_layer(h, p: Params, heads: int, self_attend, context: CrossContext, layer: int):
-    """One normformer decoder layer on h (d, R, Q); ``self_attend(q, k, v)`` supplies causal attention
-    (full sequence or KV cache) and returns its output together with whatever state it updates."""
-    a = layer_norm(h, p["LayerNorm_0"])
+def _decoder_layer(h, p: Params, heads: int, layout: _Layout, self_attend, cross_attend):
+    """One normformer decoder layer on h in ``layout``. ``self_attend(q, k, v)`` supplies causal attention (whole
+    sequence or KV cache) and returns its output with whatever state it updates; ``cross_attend(q)`` attends
+    to the prompt. Both take and return heads split as ``layout`` splits them."""
+    a = layout.norm(h, p["LayerNorm_0"])
     attention = p["FlaxBartAttention_0"]
-    q, k, v = (_split_heads(_dense(a, attention[n]), heads) for n in ("q_proj", "k_proj", "v_proj"))
+    q, k, v = (layout.split_heads(layout.dense(a, attention[n]), heads) for n in ("q_proj", "k_proj", "v_proj"))
     a, state = self_attend(q, k, v)
-    h = h + layer_norm(_dense(_merge_heads(a), attention["out_proj"]), p["LayerNorm_1"])
+    h = h + layout.norm(layout.dense(layout.merge_heads(a), attention["out_proj"]), p["LayerNorm_1"])
 
-    c = layer_norm(h, p["LayerNorm_2"])
+    c = layout.norm(h, p["LayerNorm_2"])
     cross = p["FlaxBartAttention_1"]
-    q = _split_heads(_dense(c, cross["q_proj"]), heads)
-    c = _cross_attend(q, context.keys[layer], context.values[layer], context.bias)
-    h = h + layer_norm(_dense(_merge_heads(c), cross["out_proj"]), p["LayerNorm_3"])
-    return h + _glu(h, p["GLU_0"]), state
+    c = cross_attend(layout.split_heads(layout.dense(c, cross["q_proj"]), heads))
+    h = h + layout.norm(layout.dense(layout.merge_heads(c), cross["out_proj"]), p["LayerNorm_3"])
+    return h + _glu(h, p["GLU_0"], layout), state
 
 
 def _logits(params: Params, h):
@@ -362,27 +402,33 @@ def _logits(params: Params, h):
     runs it strided (25x slower for two rows) or, for ``states.T @ kernel``, packs a copy of the weight for
     every thread (mini, two to 32 rows: 24-35 MiB outside XLA's buffers, and 3-5x slower than this).
     """
-    h = layer_norm(h, params["model"]["decoder"]["final_ln"])
-    return jnp.moveaxis(lax.optimization_barrier(_dense(h, params["lm_head"])), 0, -1)
+    h = _FEATURES_FIRST.norm(h, params["model"]["decoder"]["final_ln"])
+    return jnp.moveaxis(lax.optimization_barrier(_FEATURES_FIRST.dense(h, params["lm_head"])), 0, -1)
 
 
 def decode_logits(config: DalleBartConfig, params: Params, decoder_input_ids, encoder_states, attention_mask):
     """Logits (B, T, image_vocab_size + 1) for a whole decoder input, no cache, as upstream ``decode``:
-    ``[:, t]`` scores the token after position t."""
+    ``[:, t]`` scores the token after position t. Features last, the layout whole sequences train fastest in."""
     dtype = compute_dtype(params)
     decoder = params["model"]["decoder"]
-    heads = config.decoder_attention_heads
+    layout, heads = _FEATURES_LAST, config.decoder_attention_heads
     length = decoder_input_ids.shape[-1]
-    context = cross_context(config, params, encoder_states, attention_mask)
-    causal_bias = _mask_to_bias(jnp.tril(jnp.ones((length, length), jnp.int32)), dtype)
-    h = _embed(decoder, decoder_input_ids, jnp.arange(length), dtype)
+    states = encoder_states.astype(dtype)
+    prompt_bias = _mask_to_bias(attention_mask, dtype)[:, None, None, :]
+    h = _embed(decoder, decoder_input_ids, jnp.arange(length), dtype, layout)
 
     def causal(q, k, v):
-        return _attend(q, k, v, causal_bias), None
+        return _causal_attend(q, k, v, _CAUSAL_BLOCKS), None
 
-    for index, p in enumerate(decoder["layers"]):
-        h, _ = _decoder_layer(h, p, heads, causal, context, index)
-    return _logits(params, h)
+    for p in decoder["layers"]:
+        cross = p["FlaxBartAttention_1"]
+
+        def to_prompt(q, cross=cross):
+            k, v = (layout.split_heads(layout.dense(states, cross[n]), heads) for n in ("k_proj", "v_proj"))
+            return _attend(q, k, v, prompt_bias)
+
+        h, _ = _decoder_layer(h, p, heads, layout, causal, to_prompt)
+    return layout.dense(layout.norm(h, decoder["final_ln"]), params["lm_head"])
 
 
 @flax.struct.dataclass
@@ -417,7 +463,8 @@ def decoder_step(config: DalleBartConfig, params: Params, tokens, position, cach
     decoder = params["model"]["decoder"]
     heads = config.decoder_attention_heads
     visible = _mask_to_bias(jnp.arange(config.image_length) <= position, dtype)
-    h = _embed(decoder, tokens[:, None], position[None], dtype)  # (d, R, 1)
+    layout = _FEATURES_FIRST
+    h = _embed(decoder, tokens[:, None], position[None], dtype, layout)  # (d, R, 1)
     keys, values = [], []
     for index, p in enumerate(decoder["layers"]):
 
@@ -431,11 +478,14 @@ def decoder_step(config: DalleBartConfig, params: Params, tokens, position, cach
             queries = jnp.einsum("hdrq->rhdq", q).reshape(rows * n_heads, depth, 1)
             layer_keys = lax.dynamic_update_slice_in_dim(cache.keys[index], new_keys, position, axis=2)
             layer_values = lax.dynamic_update_slice_in_dim(cache.values[index], new_values, position, axis=1)
-            weights = _attention_weights(jnp.sum(queries * layer_keys, axis=1), q, visible)  # (R * H, T)
+            weights = _attention_weights(jnp.sum(queries * layer_keys, axis=1), depth, visible)  # (R * H, T)
             out = jnp.sum(weights[:, :, None] * layer_values, axis=1).reshape(rows, n_heads, depth)
             return jnp.einsum("rhd->hdr", out)[..., None], (layer_keys, layer_values)
 
-        h, (layer_keys, layer_values) = _decoder_layer(h, p, heads, cached, context, index)
+        def to_prompt(q, index=index):
+            return _cross_attend(q, context.keys[index], context.values[index], context.bias)
+
+        h, (layer_keys, layer_values) = _decoder_layer(h, p, heads, layout, cached, to_prompt)
         keys.append(layer_keys)
         values.append(layer_values)
     return _logits(params, h[:, :, 0]), KVCache(keys=tuple(keys), values=tuple(values))
