@@ -139,6 +139,16 @@ def test_flat_phase_decodes_from_the_held_codes():
         vqgan.encode_images(CONFIG, params, images)).ravel().tolist()
 
 
+def test_encode_all_gives_each_picture_its_own_codes_whatever_the_batch_split():
+    """Batches split over the devices, the last one padded: every picture still gets the codes the encoder
+    gives it on its own, and the padding none."""
+    params = vqgan.init_params(CONFIG, 0)
+    images = data.make_scenes(seed=4, n=10, resolution=CONFIG.resolution).images
+    codes = vqgan_stage.encode_all(CONFIG, params, images, batch_size=4)
+    assert codes.dtype == np.int32 and codes.shape == (10, CONFIG.grid_side ** 2)
+    np.testing.assert_array_equal(codes, vqgan.encode_images(CONFIG, params, data.to_unit(images)))
+
+
 def test_flat_codes_give_every_flat_cell_its_colour_s_code():
     """Stage 2's targets: one code per colour on its flat cells (the one they take most often), the encoder's
     nearest codes on the others."""
