@@ -220,16 +220,19 @@ def flat_codes(config: VQGANConfig, params, images: np.ndarray) -> np.ndarray:
     return np.where(held >= 0, held, codes).astype(np.int32)
 
 
+# Compiled once per process and shape, not on every call (a run encodes for the election and for the codes).
+_encode_images = jax.jit(vqgan.encode_images, static_argnums=0)
+
+
 def encode_all(config: VQGANConfig, params, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """int32 nearest codes (N, grid_side**2) of uint8 pictures (``flat_codes`` builds on them), a batch at a time,
     each split over the devices as a training batch is (``devices.BatchSplit``; on one device the encoder kept
     one core of two busy) and the last padded to the batch's size."""
-    encode = jax.jit(vqgan.encode_images, static_argnums=0)
     split = devices.BatchSplit(batch_size)
     params = split.replicated(params)
     codes = []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
         padded = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]), batch.dtype)])
-        codes.append(np.asarray(encode(config, params, *split.rows(data.to_unit(padded))))[:len(batch)])
+        codes.append(np.asarray(_encode_images(config, params, *split.rows(data.to_unit(padded))))[:len(batch)])
     return np.concatenate(codes)
